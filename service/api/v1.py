@@ -1,0 +1,158 @@
+"""/v1 routes: classify, model listing, routing statistics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from service.api.common import JSON, timing_headers, unless_disconnected
+from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody
+from service.engine.batcher import ModelWorker, TextResult
+from service.engine.registry import Engine
+from service.errors import ErrorKind, ServiceError
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (404, 413, 422, 429, 503, 504)}
+TOP_EXPERTS = 3
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def validate_texts(inputs: str | list[str], max_texts: int, field: str = "inputs") -> list[str]:
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if not texts:
+        raise ServiceError(ErrorKind.VALIDATION, f"{field} is empty; send at least one text", field=field)
+    if len(texts) > max_texts:
+        raise ServiceError(
+            ErrorKind.VALIDATION, f"{field} has {len(texts)} texts; at most {max_texts} per request", field=field
+        )
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise ServiceError(ErrorKind.VALIDATION, f"{field}[{i}] is empty or whitespace", field=f"{field}[{i}]")
+    return texts
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _routing(worker: ModelWorker, r: TextResult) -> dict[str, Any]:
+    e = worker.info.num_experts
+    tok = worker.backend.tokenizer.tokenizer
+    layers = []
+    for i, lay in enumerate(r.routing or []):
+        counts = np.bincount(lay.expert_ids.reshape(-1), minlength=e)
+        share = counts / max(counts.sum(), 1)
+        top = np.argsort(-share, kind="stable")[:TOP_EXPERTS]
+        layers.append(
+            {
+                "layer": i,
+                "experts": lay.expert_ids.tolist(),
+                "gates": np.round(lay.gates.astype(np.float64), 5).tolist(),
+                "top_experts": [{"expert": int(j), "share": round(float(share[j]), 4)} for j in top if share[j] > 0],
+            }
+        )
+    return {"tokens": [tok.id_to_token(t) or "" for t in r.ids], "layers": layers}
+
+
+def prediction(worker: ModelWorker, r: TextResult, top_k: int | None, raw: bool) -> dict[str, Any]:
+    labels = worker.info.labels
+    scores = r.logits if raw else softmax(r.logits.astype(np.float64))
+    order = np.argsort(-scores, kind="stable")[: top_k or len(labels)]
+    out: dict[str, Any] = {
+        "label": labels[order[0]],
+        "score": float(scores[order[0]]),
+        "scores": [{"label": labels[j], "score": float(scores[j])} for j in order],
+        "tokens": len(r.ids),
+        "truncated": r.truncated,
+    }
+    if r.routing is not None:
+        out["routing"] = _routing(worker, r)
+    return out
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Classify one or more texts")
+async def classify(body: ClassifyRequest, request: Request) -> JSON:
+    t0 = time.perf_counter()
+    engine = engine_of(request)
+    worker = engine.get(body.model)
+    request.state.model = worker.name
+    texts = validate_texts(body.inputs, engine.settings.max_client_batch_size)
+    timeout = body.timeout_ms / 1000 if body.timeout_ms else None
+    result = await unless_disconnected(request, worker.classify(texts, body.truncate, body.return_routing, timeout))
+    preds = [prediction(worker, r, body.top_k, body.raw_scores) for r in result.results]
+    worker.metrics.texts.labels(worker.name).inc(len(texts))
+    n_trunc = sum(r.truncated for r in result.results)
+    if n_trunc:
+        worker.metrics.truncated.labels(worker.name).inc(n_trunc)
+    return JSON({"model": worker.name, "predictions": preds}, headers=timing_headers(result, time.perf_counter() - t0))
+
+
+def model_card(worker: ModelWorker) -> dict[str, Any]:
+    info = worker.info
+    evaluation = None
+    eval_file = info.path / "eval.json"
+    if eval_file.is_file():
+        import json
+
+        rep = json.loads(eval_file.read_text())
+        evaluation = {k: rep.get(k) for k in ("dataset", "split", "examples", "accuracy", "macro_f1", "roc_auc")}
+    a = info.architecture
+    return {
+        "name": info.name,
+        "labels": info.labels,
+        "max_length": info.max_length,
+        "architecture": {
+            "experts": info.num_experts,
+            "top_k": info.top_k,
+            "layers": info.num_layers,
+            "moe_layers": info.moe_layers,
+            "d_model": a["d_model"],
+            "d_ff": a["d_ff"],
+            "n_heads": a["n_heads"],
+            "attention": a["attention"],
+            "moe_every": a["moe_every"],
+            "vocab_size": a["vocab_size"],
+        },
+        "backend": worker.backend.kind,
+        "device": worker.backend.device,
+        "eval": evaluation,
+        "status": "ready" if worker.ready else "loading",
+        "queue_texts": worker.queued_texts,
+    }
+
+
+@router.get("/models", summary="Models served, with labels, architecture, backend, device and eval metrics")
+async def list_models(request: Request) -> JSON:
+    engine = engine_of(request)
+    return JSON({"default_model": engine.default_model, "models": [model_card(w) for w in engine.workers.values()]})
+
+
+@router.get("/models/{model}", summary="One model", responses=ERRORS)
+async def get_model(model: str, request: Request) -> JSON:
+    return JSON(model_card(engine_of(request).get(model)))
+
+
+@router.get(
+    "/models/{model}/routing",
+    responses=ERRORS,
+    summary="Routing statistics: expert load, balance, entropy and drift from the training profile",
+)
+async def routing(model: str, request: Request) -> JSON:
+    worker = engine_of(request).get(model)
+    request.state.model = worker.name
+    return JSON(
+        {
+            "model": worker.name,
+            "num_experts": worker.info.num_experts,
+            "top_k": worker.info.top_k,
+            **worker.stats.snapshot(),
+        }
+    )

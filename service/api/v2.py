@@ -1,0 +1,190 @@
+"""Open Inference Protocol v2 (KServe / Triton HTTP), so standard clients work unchanged.
+
+Input: one BYTES tensor of texts, shape [n] or [n, 1], as JSON `data` or in the binary tensor extension (the
+`Inference-Header-Content-Length` header; each element a 4-byte little-endian length and UTF-8 bytes), which is
+what tritonclient sends by default. Outputs, always as JSON: `label` (BYTES, [n]) and `probabilities` (FP32,
+[n, labels], label order as in the model metadata's `parameters.labels`).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+
+from service import __version__
+from service.api.common import JSON, timing_headers, unless_disconnected
+from service.api.schemas import InferRequest, InferResponse, ModelMetadata
+from service.api.v1 import ERRORS, engine_of, softmax, validate_texts
+from service.errors import ErrorKind, ServiceError
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+INPUT_NAME = "text"
+OUTPUTS = ("label", "probabilities")
+
+
+def _bad(message: str, field: str | None = None) -> ServiceError:
+    return ServiceError(ErrorKind.VALIDATION, message, field=field)
+
+
+def _decode_bytes_tensor(raw: bytes) -> list[str]:
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise _bad("binary BYTES tensor is truncated", "inputs[0]")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise _bad("binary BYTES tensor is truncated", "inputs[0]")
+        try:
+            out.append(raw[pos : pos + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _bad("binary BYTES element is not valid UTF-8", "inputs[0]") from None
+        pos += n
+    return out
+
+
+async def _parse(request: Request) -> InferRequest:
+    body = await request.body()
+    header_len = request.headers.get("inference-header-content-length")
+    binary = b""
+    if header_len is not None:
+        try:
+            n = int(header_len)
+        except ValueError:
+            raise _bad("Inference-Header-Content-Length is not an integer") from None
+        if not 0 <= n <= len(body):
+            raise _bad("Inference-Header-Content-Length is larger than the body")
+        body, binary = body[:n], body[n:]
+    try:
+        parsed = InferRequest.model_validate(orjson.loads(body))
+    except orjson.JSONDecodeError as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise _bad(f"{loc}: {err['msg']}", loc) from None
+    if binary:
+        for t in parsed.inputs:
+            size = (t.parameters or {}).get("binary_data_size")
+            if size is not None:
+                t.data, binary = _decode_bytes_tensor(binary[:size]), binary[size:]
+    return parsed
+
+
+def _texts(req: InferRequest, max_texts: int) -> list[str]:
+    if len(req.inputs) != 1:
+        raise _bad(f"expected exactly one input tensor ({INPUT_NAME!r}), got {len(req.inputs)}", "inputs")
+    t = req.inputs[0]
+    if t.datatype != "BYTES":
+        raise _bad(f"input {t.name!r} must have datatype BYTES, got {t.datatype}", "inputs[0].datatype")
+    if t.data is None:
+        raise _bad(f"input {t.name!r} has no data", "inputs[0].data")
+    data = t.data
+    if data and isinstance(data[0], list):  # nested [[..], [..]] form of a [n, 1] tensor
+        data = [x for row in data for x in row]
+    if not all(isinstance(x, str) for x in data):
+        raise _bad(f"input {t.name!r}: every element must be a string", "inputs[0].data")
+    if int(np.prod(t.shape)) != len(data) or not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)):
+        raise _bad(
+            f"input {t.name!r}: shape {t.shape} does not match {len(data)} texts (use [n] or [n, 1])", "inputs[0].shape"
+        )
+    return validate_texts(data, max_texts, field="inputs[0].data")
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> JSON:
+    return JSON({"name": "moe-serve", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+@router.get("/health/live", summary="Liveness")
+async def live() -> JSON:
+    return JSON({"live": True})
+
+
+@router.get("/health/ready", summary="Readiness: every model loaded", responses=ERRORS)
+async def ready(request: Request) -> JSON:
+    engine = engine_of(request)
+    ok = bool(engine.workers) and all(w.ready for w in engine.workers.values())
+    return JSON({"ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("/models/{model}", response_model=ModelMetadata, responses=ERRORS, summary="Model metadata")
+async def model_metadata(model: str, request: Request) -> JSON:
+    w = engine_of(request).get(model)
+    n = len(w.info.labels)
+    return JSON(
+        {
+            "name": w.name,
+            "versions": ["1"],
+            "platform": f"moe-serve_{w.backend.kind}",
+            "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
+            ],
+            "parameters": {"labels": w.info.labels, "max_length": w.info.max_length},
+        }
+    )
+
+
+@router.get("/models/{model}/ready", responses=ERRORS, summary="Model readiness")
+async def model_ready(model: str, request: Request) -> JSON:
+    w = engine_of(request).get(model)
+    return JSON({"name": w.name, "ready": w.ready})
+
+
+@router.post(
+    "/models/{model}/infer",
+    response_model=InferResponse,
+    responses=ERRORS,
+    summary="Inference",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "schema": InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+                }
+            }
+        }
+    },
+)
+async def infer(model: str, request: Request) -> JSON:
+    t0 = time.perf_counter()
+    engine = engine_of(request)
+    worker = engine.get(model)
+    request.state.model = worker.name
+    req = await _parse(request)
+    texts = _texts(req, engine.settings.max_client_batch_size)
+    if req.outputs:
+        unknown = [o.name for o in req.outputs if o.name not in OUTPUTS]
+        if unknown:
+            raise _bad(f"unknown output(s) {unknown}; available: {list(OUTPUTS)}", "outputs")
+    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
+    result = await unless_disconnected(request, worker.classify(texts))
+    probs = softmax(np.stack([r.logits for r in result.results]).astype(np.float64)).astype(np.float32)
+    labels = worker.info.labels
+    tensors: dict[str, dict[str, Any]] = {
+        "label": {
+            "name": "label",
+            "datatype": "BYTES",
+            "shape": [len(texts)],
+            "data": [labels[i] for i in probs.argmax(1)],
+        },
+        "probabilities": {
+            "name": "probabilities",
+            "datatype": "FP32",
+            "shape": [len(texts), len(labels)],
+            "data": probs.reshape(-1).tolist(),
+        },
+    }
+    worker.metrics.texts.labels(worker.name).inc(len(texts))
+    body = {"model_name": worker.name, "model_version": "1", "outputs": [tensors[n] for n in wanted]}
+    if req.id is not None:
+        body["id"] = req.id
+    return JSON(body, headers=timing_headers(result, time.perf_counter() - t0))

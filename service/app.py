@@ -1,0 +1,160 @@
+"""create_app(settings): routes, error handlers, body-size limit, HTTP metrics, and the engine's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.api import v1, v2
+from service.api.common import JSON, ClientDisconnected
+from service.config import Settings
+from service.engine.registry import Engine
+from service.errors import STATUS, ErrorKind, ServiceError
+from service.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimitAndMetrics:
+    """Pure ASGI middleware: refuses bodies over the limit (413) and counts every HTTP request by route/status."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app, self.limit, self.metrics = app, settings.max_body_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+        limit = self.limit
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        too_large = ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body is larger than {limit} bytes")
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _error_response(too_large)(scope, receive, send_wrapper)
+        else:
+            received = 0
+
+            async def receive_wrapper() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise _BodyTooLarge
+                return message
+
+            try:
+                await self.app(scope, receive_wrapper, send_wrapper)
+            except _BodyTooLarge:
+                await _error_response(too_large)(scope, receive, send_wrapper)
+        route = scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if path != "/metrics":
+            model = scope.get("state", {}).get("model", "")
+            self.metrics.requests.labels(model, path, str(status)).inc()
+            self.metrics.request_duration.labels(model, path).observe(time.perf_counter() - t0)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _error_response(err: ServiceError) -> JSON:
+    return JSON(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _field(loc: tuple) -> str:
+    """('body', 'inputs', 'list[str]', 0) -> 'inputs[0]'; union branch names are dropped."""
+    out = ""
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif "[" in p or p in ("str", "int", "bool", "float"):
+            continue
+        else:
+            out += f".{p}" if out else p
+    return out or "body"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = Engine(settings, metrics)
+        app.state.engine = engine
+        await asyncio.to_thread(engine.load)  # load + warm up every model before accepting traffic
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(
+        title="moe-serve",
+        version=__version__,
+        lifespan=lifespan,
+        description="Mixture-of-Experts text classification with expert-grouped dynamic batching.",
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+
+    def failure(request: Request, err: ServiceError) -> JSON:
+        model = getattr(request.state, "model", "")
+        metrics.failures.labels(model, err.kind.value).inc()
+        return _error_response(err)
+
+    @app.exception_handler(ServiceError)
+    async def on_service_error(request: Request, err: ServiceError) -> JSON:
+        return failure(request, err)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSON:
+        # With unions (str | list[str]) pydantic reports one error per branch: the deepest one is the useful one.
+        e = max(exc.errors(), key=lambda err: len(err.get("loc", ())))
+        field = _field(tuple(e.get("loc", ())))
+        if e.get("type") == "json_invalid":
+            field = "body"
+            msg = f"request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])} at byte {e['loc'][-1]})"
+        else:
+            msg = f"{field}: {e['msg']}"
+        return failure(request, ServiceError(ErrorKind.VALIDATION, msg, field=field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSON:
+        kind = next((k for k, s in STATUS.items() if s == exc.status_code), None)
+        body = {"error": str(exc.detail), "type": kind.value if kind else "http_error"}
+        return JSON(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_disconnect(request: Request, exc: ClientDisconnected) -> JSON:
+        return JSON({"error": "client disconnected", "type": ErrorKind.CLIENT_GONE.value}, status_code=499)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/health", tags=["ops"], summary="Liveness (same as /v2/health/live)")
+    async def health() -> JSON:
+        return JSON({"status": "ok"})
+
+    app.add_middleware(BodyLimitAndMetrics, settings=settings, metrics=metrics)
+    return app

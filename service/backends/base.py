@@ -1,0 +1,57 @@
+"""The interface every inference backend implements. The engine and the API see numpy arrays, never tensors."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.modeling.tokenizer import TextTokenizer
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: Path
+    labels: list[str]
+    max_length: int
+    num_experts: int
+    top_k: int
+    num_layers: int
+    moe_layers: int
+    architecture: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerRouting:
+    expert_ids: np.ndarray  # [T, k] int, over the packed tokens of the batch (text after text, in batch order)
+    gates: np.ndarray  # [T, k] float
+
+
+@dataclass
+class BatchOutput:
+    logits: np.ndarray  # [B, num_labels] float32
+    expert_counts: np.ndarray  # [moe_layers, num_experts] (token, slot) assignments in this batch, for statistics
+    routing: list[LayerRouting] | None = None  # per MoE layer; only when asked for
+
+
+class Backend(ABC):
+    """Loads one model folder onto one device and runs packed batches of token ids."""
+
+    info: ModelInfo
+    tokenizer: TextTokenizer
+    device: str
+    kind: str  # "torch", "onnx", ...
+
+    @abstractmethod
+    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
+        """Token id lists (no padding, each at most info.max_length long) -> logits and routing."""
+
+    def warmup(self) -> None:
+        """Run a few batches so the first real request does not pay for lazy initialisation."""
+        for n, length in ((1, 8), (4, 32), (16, min(128, self.info.max_length))):
+            self.forward([[1] * length] * n)

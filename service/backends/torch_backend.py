@@ -1,0 +1,59 @@
+"""PyTorch backend: the MoE classifier with packed tokens and expert-grouped dispatch, on CPU or CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from service.backends.base import Backend, BatchOutput, LayerRouting, ModelInfo
+from service.modeling.artifacts import load_model
+from service.modeling.classifier import pad_batch
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+class TorchBackend(Backend):
+    kind = "torch"
+
+    def __init__(self, model_dir: str, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        bundle = load_model(model_dir, self.device)
+        self.bundle = bundle
+        self.model = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.pad_id = bundle.tokenizer.pad_id
+        cfg = bundle.config
+        self.info = ModelInfo(
+            name=bundle.name,
+            path=bundle.path,
+            labels=bundle.labels,
+            max_length=cfg.max_length,
+            num_experts=cfg.num_experts,
+            top_k=cfg.top_k,
+            num_layers=cfg.n_layers,
+            moe_layers=sum(cfg.moe_layers()),
+            architecture=cfg.to_dict(),
+            training=bundle.training,
+        )
+
+    @torch.inference_mode()
+    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
+        ids, mask = pad_batch(sequences, self.pad_id)
+        out = self.model(ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
+        e = self.info.num_experts
+        counts = torch.stack([torch.bincount(r.expert_ids.reshape(-1), minlength=e) for r in out.routing])
+        routing = None
+        if return_routing:
+            routing = [LayerRouting(r.expert_ids.cpu().numpy(), r.gates.float().cpu().numpy()) for r in out.routing]
+        return BatchOutput(out.logits.float().cpu().numpy(), counts.cpu().numpy().astype(np.int64), routing)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)

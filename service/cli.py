@@ -1,0 +1,118 @@
+"""`moe-serve` command line: train | evaluate | serve | bench. Thin wrappers over the modules that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from service.training.train import Recipe, train
+
+    recipe = Recipe.from_file(args.recipe)
+    if args.epochs is not None:
+        recipe.training.epochs = args.epochs
+    out = args.output or f"models/{recipe.name}"
+    summary = train(recipe, out, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from service.modeling.artifacts import load_model
+    from service.training.evaluate import evaluate_model
+
+    bundle = load_model(args.model)
+    out = args.output_dir
+    if out is None:
+        data_name = Path(args.data).stem if args.data else bundle.training.get("dataset", "data")
+        out = Path("reports") / f"{bundle.name}-{data_name}-{args.split}"
+    report = evaluate_model(bundle, args.data, args.split, out, args.text_column, args.label_column)
+    print(json.dumps(report, indent=2))
+    print(f"report and plots written to {out}", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.config import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-serve", description="Train, evaluate and serve MoE text classifiers.")
+    p.add_argument("--log-level", help="critical | error | warning | info | debug (default: info, or MOE_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a recipe (YAML or JSON)")
+    t.add_argument("--recipe", required=True, help="recipe file, e.g. recipes/bbc-news-moe.yaml")
+    t.add_argument("--output", help="model folder to write (default: models/<recipe name>)")
+    t.add_argument("--epochs", type=int, help="override the recipe's epoch count")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a model folder; JSON report on stdout, report + plots on disk")
+    e.add_argument("--model", required=True, help="model folder, e.g. models/bbc-news-moe")
+    e.add_argument("--data", help="built-in dataset name or .csv/.jsonl file (default: the model's training data)")
+    e.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    e.add_argument("--text-column")
+    e.add_argument("--label-column")
+    e.add_argument("--output-dir", help="where to write eval.json and plots (default: reports/<model>-<data>-<split>)")
+    e.set_defaults(func=_evaluate)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve every model in the model repository over HTTP",
+        description="Flags override MOE_* environment variables; see README for the full table.",
+    )
+    s.add_argument("--models-dir")
+    s.add_argument("--models", type=lambda v: [m for m in v.split(",") if m], help="comma-separated model names")
+    s.add_argument("--default-model")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--threads", type=int, help="torch intra-op threads")
+    s.add_argument("--max-batch-tokens", type=int)
+    s.add_argument("--max-batch-size", type=int)
+    s.add_argument("--max-wait-ms", type=float)
+    s.add_argument("--max-client-batch-size", type=int)
+    s.add_argument("--max-queue-texts", type=int)
+    s.add_argument("--request-timeout-s", type=float)
+    s.add_argument("--max-body-bytes", type=int)
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from service.training.data import DataError
+
+    try:
+        return args.func(args)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"moe-serve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The one settings object. Environment variables use the prefix MOE_ (MOE_PORT=9000); CLI flags override them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOE_", extra="ignore")
+
+    models_dir: Path = Field(Path("models"), description="model repository: one folder per model")
+    models: list[str] | None = Field(None, description="serve only these model folders (default: all)")
+    default_model: str | None = Field(None, description="model used when a request names none (default: the first)")
+    host: str = Field("127.0.0.1", description="bind address (the Docker image sets 0.0.0.0)")
+    port: int = Field(8000, ge=0, le=65535)
+
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="token budget of one batch, counted as batch size x longest text (padded)"
+    )
+    max_batch_size: int = Field(128, ge=1, description="most texts in one batch")
+    max_wait_ms: float = Field(
+        2.0, ge=0, description="when busy, how long a batch may wait for more texts to join (0 = continuous)"
+    )
+    max_client_batch_size: int = Field(64, ge=1, description="most texts in one request")
+    max_queue_texts: int = Field(2048, ge=1, description="texts waiting per model before new requests get 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request, queue wait included")
+    max_body_bytes: int = Field(2_000_000, ge=1024, description="largest request body; larger gets 413")
+    routing_window_s: float = Field(60.0, gt=0, description="length of the recent window in routing statistics")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: object) -> object:
+        # MOE_MODELS=a,b as well as a JSON list.
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v

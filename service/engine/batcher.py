@@ -1,0 +1,325 @@
+"""Per-model dynamic batcher: bounded queue, token-budget batch cutting, one inference thread, futures.
+
+Request path: `ModelWorker.classify` tokenizes off the event loop, admits the texts into the queue (or refuses with
+429 when it is full), and awaits a future. The inference thread cuts batches from the queue, drops texts whose
+request was cancelled (client gone) or whose deadline passed, runs the backend once per batch and resolves the
+futures through the event loop. Nothing here imports torch: the backend returns numpy arrays.
+
+Batch cutting is length aware: from a window at the head of the queue it takes the oldest text plus the texts
+closest to it in length, while (texts x longest text) stays within the token budget. The oldest text always goes,
+so nothing starves, and a batch of similar lengths wastes little attention compute on padding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.backends.base import Backend, LayerRouting
+from service.config import Settings
+from service.engine.routing_stats import RoutingStats
+from service.errors import ErrorKind, ServiceError, deadline_exceeded, queue_full
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextResult:
+    logits: np.ndarray  # [num_labels]
+    ids: list[int]  # the token ids the model read
+    truncated: bool
+    routing: list[LayerRouting] | None = None  # this text's tokens only
+
+
+@dataclass
+class ClassifyResult:
+    results: list[TextResult]
+    tokenization_s: float
+    queue_s: float  # longest wait of any of the request's texts
+    inference_s: float  # summed forward time of the batches the request's texts ran in
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    n: int
+    deadline: float  # time.monotonic()
+    return_routing: bool
+    results: list[TextResult | None] = field(default_factory=list)
+    remaining: int = 0
+    cancelled: bool = False  # set by the event loop when the client left; read by the inference thread
+    failed: bool = False
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.results = [None] * self.n
+        self.remaining = self.n
+
+
+@dataclass(eq=False)
+class WorkItem:
+    request: PendingRequest
+    index: int
+    ids: list[int]
+    truncated: bool
+    enqueued: float  # time.monotonic()
+
+
+def _set_result(fut: asyncio.Future, value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class ModelWorker:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: Settings,
+        metrics: Metrics,
+        tokenize_pool: ThreadPoolExecutor,
+        profile: dict | None = None,
+    ) -> None:
+        self.backend = backend
+        self.info = backend.info
+        self.name = backend.info.name
+        self.settings = settings
+        self.metrics = metrics
+        self.tokenize_pool = tokenize_pool
+        # A batch must at least hold one text of maximum length.
+        self.max_batch_tokens = max(settings.max_batch_tokens, self.info.max_length)
+        self.stats = RoutingStats(self.info.moe_layers, self.info.num_experts, settings.routing_window_s, profile)
+        self._queue: deque[WorkItem] = deque()
+        self._queued_tokens = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._texts_per_s = 0.0  # moving average of engine throughput, for Retry-After
+        self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
+        self.batches_run = 0
+        self.ready = False
+        self._m_queue = metrics.queue_depth.labels(self.name)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.backend.warmup()
+        self._thread.start()
+        self.ready = True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.ready = False
+
+    @property
+    def queued_texts(self) -> int:
+        return len(self._queue)
+
+    # -- event-loop side -----------------------------------------------------------------------------------------
+    async def classify(
+        self, texts: list[str], truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
+    ) -> ClassifyResult:
+        loop = asyncio.get_running_loop()
+        timeout_s = (
+            self.settings.request_timeout_s if timeout_s is None else min(timeout_s, self.settings.request_timeout_s)
+        )
+        deadline = time.monotonic() + timeout_s
+        t0 = time.perf_counter()
+        max_len = self.info.max_length
+        encoded = await loop.run_in_executor(self.tokenize_pool, self.backend.tokenizer.encode_batch, texts, max_len)
+        tokenization_s = time.perf_counter() - t0
+        self.metrics.tokenization_duration.labels(self.name).observe(tokenization_s)
+        if not truncate:
+            for i, enc in enumerate(encoded):
+                if enc.truncated:
+                    raise ServiceError(
+                        ErrorKind.INPUT_TOO_LONG,
+                        f"inputs[{i}] has {enc.original_length} tokens, {enc.original_length - max_len} more than "
+                        f"model {self.name!r} accepts ({max_len}); shorten it or send truncate=true",
+                        field=f"inputs[{i}]",
+                    )
+        req = PendingRequest(loop, loop.create_future(), len(texts), deadline, return_routing)
+        now = time.monotonic()
+        if now >= deadline:
+            raise deadline_exceeded(self.name)
+        items = [WorkItem(req, i, e.ids, e.truncated, now) for i, e in enumerate(encoded)]
+        self._admit(items)
+        try:
+            done, _ = await asyncio.wait({req.future}, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            req.cancelled = True  # client went away: the inference thread skips what is still queued
+            self.metrics.failures.labels(self.name, ErrorKind.CLIENT_GONE.value).inc()
+            raise
+        if not done:
+            req.cancelled = True
+            raise deadline_exceeded(self.name)
+        results = req.future.result()
+        return ClassifyResult(results, tokenization_s, req.queue_s, req.inference_s)
+
+    def _admit(self, items: list[WorkItem]) -> None:
+        with self._cond:
+            if len(self._queue) + len(items) > self.settings.max_queue_texts:
+                raise queue_full(self.name, self._retry_after(len(self._queue) + len(items)))
+            self._queue.extend(items)
+            self._queued_tokens += sum(len(it.ids) for it in items)
+            self._m_queue.set(len(self._queue))
+            self._cond.notify()
+
+    def _retry_after(self, texts: int) -> int:
+        rate = self._texts_per_s or 100.0
+        return int(min(60, max(1, math.ceil(texts / rate))))
+
+    # -- inference thread ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                idle = not self._queue
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    self._fail_all(ServiceError(ErrorKind.MODEL_NOT_READY, f"model {self.name!r} is shutting down"))
+                    return
+                if not idle:
+                    self._wait_for_more()
+                batch = self._cut_batch()
+                self._m_queue.set(len(self._queue))
+            if batch:
+                self._execute(batch)
+
+    def _wait_for_more(self) -> None:
+        """Busy engine: give a not-yet-full batch up to max_wait_ms to fill. An idle engine never waits."""
+        wait_s = self.settings.max_wait_ms / 1000
+        if wait_s <= 0:
+            return
+        end = time.monotonic() + wait_s
+        while (
+            len(self._queue) < self.settings.max_batch_size
+            and self._queued_tokens < self.max_batch_tokens
+            and not self._stopping
+        ):
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _is_dead(self, item: WorkItem, now: float) -> bool:
+        req = item.request
+        if req.cancelled or req.failed:
+            return True
+        if now >= req.deadline:
+            req.failed = True
+            self.metrics.failures.labels(self.name, ErrorKind.DEADLINE_EXCEEDED.value).inc()
+            req.loop.call_soon_threadsafe(_set_exception, req.future, deadline_exceeded(self.name))
+            return True
+        return False
+
+    def _cut_batch(self) -> list[WorkItem]:
+        """Called with the lock held. Takes the oldest live text and its closest neighbours in length."""
+        now = time.monotonic()
+        window: list[WorkItem] = []
+        limit = 4 * self.settings.max_batch_size
+        while self._queue and len(window) < limit:
+            item = self._queue.popleft()
+            self._queued_tokens -= len(item.ids)
+            if not self._is_dead(item, now):
+                window.append(item)
+        if not window:
+            return []
+        lengths = [len(it.ids) for it in window]
+        order = sorted(range(len(window)), key=lambda i: (lengths[i], i))
+        lo = hi = order.index(0)  # the oldest text
+        longest = lengths[0]
+        max_n, budget = self.settings.max_batch_size, self.max_batch_tokens
+        while hi - lo + 1 < max_n:
+            options = []
+            if lo > 0:
+                options.append(lo - 1)
+            if hi < len(order) - 1:
+                options.append(hi + 1)
+            options.sort(key=lambda j: abs(lengths[order[j]] - lengths[0]))
+            for j in options:
+                new_longest = max(longest, lengths[order[j]])
+                if (hi - lo + 2) * new_longest <= budget:
+                    lo, hi, longest = min(lo, j), max(hi, j), new_longest
+                    break
+            else:
+                break
+        chosen = set(order[lo : hi + 1])
+        batch = [window[i] for i in range(len(window)) if i in chosen]
+        rest = [window[i] for i in range(len(window)) if i not in chosen]
+        self._queue.extendleft(reversed(rest))
+        self._queued_tokens += sum(len(it.ids) for it in rest)
+        return batch
+
+    def _execute(self, batch: list[WorkItem]) -> None:
+        start = time.monotonic()
+        for it in batch:
+            it.request.queue_s = max(it.request.queue_s, start - it.enqueued)
+            self.metrics.queue_duration.labels(self.name).observe(start - it.enqueued)
+        want_routing = any(it.request.return_routing for it in batch)
+        seqs = [it.ids for it in batch]
+        t0 = time.perf_counter()
+        try:
+            out = self.backend.forward(seqs, return_routing=want_routing)
+        except Exception:
+            log.exception("model %s: batch of %d texts failed", self.name, len(batch))
+            err = ServiceError(ErrorKind.INTERNAL, f"model {self.name!r} failed on this batch; see server log")
+            for it in batch:
+                if not it.request.failed:
+                    it.request.failed = True
+                    it.request.loop.call_soon_threadsafe(_set_exception, it.request.future, err)
+            return
+        infer_s = time.perf_counter() - t0
+        self.batches_run += 1
+        n, tokens = len(batch), sum(len(s) for s in seqs)
+        m = self.metrics
+        m.inference_duration.labels(self.name).observe(infer_s)
+        m.batch_texts.labels(self.name).observe(n)
+        m.batch_tokens.labels(self.name).observe(tokens)
+        m.padding_ratio.labels(self.name).observe(1 - tokens / (n * max(len(s) for s in seqs)))
+        self.stats.add(out.expert_counts, n)
+        rate = n / max(infer_s, 1e-6)
+        self._texts_per_s = rate if not self._texts_per_s else 0.8 * self._texts_per_s + 0.2 * rate
+
+        offsets = np.cumsum([0] + [len(s) for s in seqs])
+        seen: set[int] = set()
+        for row, it in enumerate(batch):
+            req = it.request
+            if req.failed:
+                continue
+            routing = None
+            if req.return_routing and out.routing is not None:
+                a, b = offsets[row], offsets[row + 1]
+                routing = [LayerRouting(r.expert_ids[a:b], r.gates[a:b]) for r in out.routing]
+            req.results[it.index] = TextResult(out.logits[row], it.ids, it.truncated, routing)
+            req.remaining -= 1
+            if id(req) not in seen:
+                seen.add(id(req))
+                req.inference_s += infer_s
+            if req.remaining == 0:
+                req.loop.call_soon_threadsafe(_set_result, req.future, req.results)
+
+    def _fail_all(self, err: ServiceError) -> None:
+        while self._queue:
+            req = self._queue.popleft().request
+            if not req.failed:
+                req.failed = True
+                req.loop.call_soon_threadsafe(_set_exception, req.future, err)
+        self._queued_tokens = 0

@@ -1,0 +1,74 @@
+"""Service errors and the one table that maps them to HTTP statuses.
+
+Every error response has the same body: {"error": message, "type": kind, "field"?: location}. The "error" string
+is what the Open Inference Protocol v2 asks for; "type" and "field" let clients act without parsing prose.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class ErrorKind(str, Enum):
+    VALIDATION = "validation"
+    INPUT_TOO_LONG = "input_too_long"
+    MODEL_NOT_FOUND = "model_not_found"
+    NOT_FOUND = "not_found"
+    MODEL_NOT_READY = "model_not_ready"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    QUEUE_FULL = "queue_full"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CLIENT_GONE = "client_disconnected"
+    INTERNAL = "internal"
+
+
+STATUS: dict[ErrorKind, int] = {
+    ErrorKind.VALIDATION: 422,
+    ErrorKind.INPUT_TOO_LONG: 422,
+    ErrorKind.MODEL_NOT_FOUND: 404,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.MODEL_NOT_READY: 503,
+    ErrorKind.PAYLOAD_TOO_LARGE: 413,
+    ErrorKind.QUEUE_FULL: 429,
+    ErrorKind.DEADLINE_EXCEEDED: 504,
+    ErrorKind.CLIENT_GONE: 499,  # never sent (nobody is listening); counted in metrics under this reason
+    ErrorKind.INTERNAL: 500,
+}
+
+
+class ServiceError(Exception):
+    def __init__(
+        self, kind: ErrorKind, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.field = kind, message, field
+        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.kind]
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.message, "type": self.kind.value}
+        if self.field:
+            out["field"] = self.field
+        return out
+
+
+def queue_full(model: str, retry_after_s: int) -> ServiceError:
+    return ServiceError(
+        ErrorKind.QUEUE_FULL,
+        f"model {model!r} is at capacity; retry after {retry_after_s} s",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def deadline_exceeded(model: str) -> ServiceError:
+    return ServiceError(ErrorKind.DEADLINE_EXCEEDED, f"request to model {model!r} passed its deadline before it ran")
+
+
+def model_not_found(name: str, available: list[str]) -> ServiceError:
+    return ServiceError(
+        ErrorKind.MODEL_NOT_FOUND, f"unknown model {name!r}; available: {', '.join(available)}", field="model"
+    )

@@ -1,0 +1,138 @@
+"""Every Prometheus metric of the service, in one place. Base units (seconds), `_total` counters.
+
+Each app gets its own CollectorRegistry, so tests can build several apps in one process. Routing figures (tokens
+per expert, imbalance, entropy, drift) are read from the engine's RoutingStats at scrape time by a collector, so
+the hot path keeps one set of counts instead of two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from service.engine.routing_stats import RoutingStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# From 0.5 ms (a lone short text) to 30 s (the default request deadline).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_TEXT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+class _RoutingCollector(Collector):
+    def __init__(self, sources: Callable[[], Iterable[tuple[str, RoutingStats]]]) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        tokens = CounterMetricFamily(
+            "moe_expert_tokens",
+            "Token assignments routed to each expert (a token counts once per chosen expert).",
+            labels=["model", "layer", "expert"],
+        )
+        imbalance = GaugeMetricFamily(
+            "moe_expert_imbalance_ratio",
+            "Busiest expert's share over the mean share, recent window (1 = even).",
+            labels=["model", "layer"],
+        )
+        cv = GaugeMetricFamily(
+            "moe_expert_load_cv", "Coefficient of variation of expert load, recent window.", labels=["model", "layer"]
+        )
+        entropy = GaugeMetricFamily(
+            "moe_router_entropy_ratio",
+            "Entropy of expert shares over its maximum log(E), recent window (1 = even).",
+            labels=["model", "layer"],
+        )
+        drift = GaugeMetricFamily(
+            "moe_routing_drift_kl",
+            "KL divergence of live expert shares (recent window) from the training profile.",
+            labels=["model", "layer"],
+        )
+        for model, stats in self.sources():
+            snap = stats.snapshot()
+            for layer in snap["since_start"]["layers"]:
+                for e, n in enumerate(layer["tokens_per_expert"]):
+                    tokens.add_metric([model, str(layer["layer"]), str(e)], n)
+            for layer in snap["window"]["layers"]:
+                labels = [model, str(layer["layer"])]
+                if layer["assignments"]:
+                    imbalance.add_metric(labels, layer["imbalance_max_over_mean"])
+                    cv.add_metric(labels, layer["cv"])
+                    entropy.add_metric(labels, layer["normalized_entropy"])
+                    if layer["drift_kl"] is not None:
+                        drift.add_metric(labels, layer["drift_kl"])
+        yield from (tokens, imbalance, cv, entropy, drift)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "moe_requests", "HTTP requests by model, route and status code.", ["model", "route", "status"], registry=r
+        )
+        self.failures = Counter("moe_request_failures", "Failed requests by reason.", ["model", "reason"], registry=r)
+        self.request_duration = Histogram(
+            "moe_request_duration_seconds",
+            "Request time from receipt to response.",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokenization_duration = Histogram(
+            "moe_tokenization_duration_seconds",
+            "Tokenization time per request.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "moe_queue_duration_seconds",
+            "Time a text waited before its batch ran.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "moe_inference_duration_seconds",
+            "Model forward time per batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_texts = Histogram(
+            "moe_batch_size_texts", "Texts per executed batch.", ["model"], buckets=BATCH_TEXT_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "moe_batch_size_tokens",
+            "Real (non-padding) tokens per executed batch.",
+            ["model"],
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.padding_ratio = Histogram(
+            "moe_batch_padding_ratio",
+            "Share of padding in the attention layout of a batch (0 = none).",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("moe_queue_texts", "Texts waiting in the model's queue.", ["model"], registry=r)
+        self.texts = Counter("moe_texts", "Texts classified.", ["model"], registry=r)
+        self.truncated = Counter(
+            "moe_texts_truncated", "Texts cut to the model's maximum length.", ["model"], registry=r
+        )
+        self.model_info = Gauge(
+            "moe_model_info", "Loaded models (value 1).", ["model", "backend", "device"], registry=r
+        )
+
+    def watch_routing(self, sources: Callable[[], Iterable[tuple[str, RoutingStats]]]) -> None:
+        self.registry.register(_RoutingCollector(sources))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

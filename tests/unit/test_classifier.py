@@ -1,0 +1,102 @@
+"""Classifier behaviour: batch independence, packing, save/load round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.modeling.artifacts import ModelFolderError, load_model, save_model
+from service.modeling.classifier import ModelConfig, MoEClassifier, pad_batch
+from service.modeling.tokenizer import TextTokenizer
+
+TOL = 1e-5
+
+
+def _model(**kw) -> MoEClassifier:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=100, num_labels=3, max_length=64, d_model=32, n_heads=4, d_ff=48, dropout=0.0, **kw)
+    return MoEClassifier(cfg).eval()
+
+
+def _texts(n: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(2, 100, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("kw", [{}, {"moe_every": 2}, {"attention": [True, False]}, {"attention": False}])
+def test_logits_independent_of_batch(kw: dict) -> None:
+    model = _model(**kw)
+    seqs = _texts(12)
+    with torch.no_grad():
+        alone = torch.cat([model(*pad_batch([s])).logits for s in seqs])
+        together = model(*pad_batch(seqs)).logits
+        perm = list(reversed(range(len(seqs))))
+        shuffled = model(*pad_batch([seqs[i] for i in perm])).logits[torch.tensor(perm).argsort()]
+        # Neighbours of a different text mix: the same first text inside other company.
+        other = model(*pad_batch([seqs[0], *_texts(9, seed=7)])).logits[0]
+    torch.testing.assert_close(together, alone, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(shuffled, alone, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(other, alone[0], atol=TOL, rtol=TOL)
+
+
+def test_padding_value_does_not_matter() -> None:
+    model = _model()
+    seqs = _texts(5)
+    ids, mask = pad_batch(seqs)
+    ids2 = ids.clone()
+    ids2[mask == 0] = 57  # garbage in padding positions
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask).logits, model(ids2, mask).logits, atol=TOL, rtol=TOL)
+
+
+def test_routing_reported_for_packed_tokens() -> None:
+    model = _model(moe_every=2, n_layers=4)
+    seqs = _texts(4)
+    with torch.no_grad():
+        out = model(*pad_batch(seqs))
+    assert len(out.routing) == 2  # blocks 1 and 3
+    total = sum(len(s) for s in seqs)
+    for r in out.routing:
+        assert r.expert_ids.shape == (total, 2)
+        torch.testing.assert_close(r.gates.sum(-1), torch.ones(total))
+
+
+def test_too_long_rejected() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        model(*pad_batch([[3] * 65]))
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    model = _model()
+    tok = TextTokenizer.train(["the cat sat on the mat", "stocks fell sharply today"] * 10, vocab_size=100)
+    save_model(tmp_path / "m", model, tok, ["a", "b", "c"], {"dataset": "x"})
+    bundle = load_model(tmp_path / "m")
+    assert bundle.labels == ["a", "b", "c"] and bundle.training == {"dataset": "x"}
+    seqs = _texts(6)
+    with torch.no_grad():
+        assert torch.equal(model(*pad_batch(seqs)).logits, bundle.model(*pad_batch(seqs)).logits)
+    assert tok.encode_batch(["the cat"], 10)[0].ids == bundle.tokenizer.encode_batch(["the cat"], 10)[0].ids
+
+
+def test_load_rejects_broken_folder(tmp_path: Path) -> None:
+    model = _model()
+    tok = TextTokenizer.train(["a b c"] * 5, vocab_size=50)
+    save_model(tmp_path / "m", model, tok, ["a", "b", "c"])
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match=r"missing model\.safetensors"):
+        load_model(tmp_path / "m")
+    with pytest.raises(ModelFolderError, match=r"missing config\.json"):
+        load_model(tmp_path / "nothing")
+
+
+def test_tokenizer_truncation_and_empty() -> None:
+    tok = TextTokenizer.train(["hello world again and again"] * 5, vocab_size=60)
+    enc = tok.encode_batch(["hello world again and again", "   "], max_length=3)
+    assert enc[0].ids == enc[0].ids[:3] and len(enc[0].ids) == 3 and enc[0].truncated
+    assert enc[0].original_length == 5
+    assert len(enc[1].ids) == 1  # an empty text still gets one (unknown) token
