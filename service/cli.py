@@ -56,6 +56,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from service.bench.run import run_bench
+
+    mode = "quick" if args.quick else "full"
+    out = Path(args.output_dir or f"bench-results/{mode}")
+    results = run_bench(Path(args.model), mode, out, skip_served=args.engine_only)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print((out / "bench.md").read_text())
+    print(f"results, table and plots written to {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-serve", description="Train, evaluate and serve MoE text classifiers.")
     p.add_argument("--log-level", help="critical | error | warning | info | debug (default: info, or MOE_LOG_LEVEL)")
@@ -97,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout-s", type=float)
     s.add_argument("--max-body-bytes", type=int)
     s.set_defaults(func=_serve)
+
+    b = sub.add_parser("bench", help="benchmark the engine and the server against the machine's limit")
+    b.add_argument("--model", default="models/bbc-news-moe")
+    b.add_argument("--quick", action="store_true", help="CI-sized run (under 3 minutes)")
+    b.add_argument("--engine-only", action="store_true", help="skip the HTTP benchmarks")
+    b.add_argument("--json", help="also write the results to this file")
+    b.add_argument("--output-dir", help="default: bench-results/<mode>")
+    b.set_defaults(func=_bench)
     return p
 
 

@@ -135,15 +135,24 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, h: torch.Tensor, packed: PackedBatch, key_mask: torch.Tensor
+        self, h: torch.Tensor, packed: PackedBatch, key_mask: torch.Tensor, per_sequence: bool = False
     ) -> tuple[torch.Tensor, RouterOutput | None]:
         if self.attn is not None:
             a = self.attn(packed.unpack(self.norm1(h)), key_mask)
             h = h + self.drop(packed.pack(a))
+        if self.is_moe and per_sequence:
+            return h + self._moe_per_sequence(self.norm2(h), packed), None
         if self.is_moe:
             y, r = self.ffn(self.norm2(h))
             return h + self.drop(y), r
         return h + self.drop(self.ffn(self.norm2(h))), None
+
+    def _moe_per_sequence(self, x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+        """Baseline for benchmarks only: the padded [B, L] layout with the experts run once per sequence, as a
+        server without expert grouping would. Same maths for real tokens; padding rows are computed and dropped."""
+        padded = packed.unpack(x)
+        out = torch.stack([self.ffn(padded[b])[0] for b in range(padded.shape[0])])
+        return packed.pack(out)
 
 
 class MoEClassifier(nn.Module):
@@ -165,8 +174,13 @@ class MoEClassifier(nn.Module):
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ClassifierOutput:
-        """input_ids, attention_mask: [B, L]; every row must have at least one real token."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_sequence_experts: bool = False
+    ) -> ClassifierOutput:
+        """input_ids, attention_mask: [B, L]; every row must have at least one real token.
+
+        per_sequence_experts switches the MoE layers to the padded, one-sequence-at-a-time baseline (benchmarks);
+        no routing is reported then."""
         if input_ids.shape[1] > self.config.max_length:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_length {self.config.max_length}")
         packed = PackedBatch.from_mask(attention_mask)
@@ -176,7 +190,7 @@ class MoEClassifier(nn.Module):
         h = self.emb_drop(h)
         routing: list[RouterOutput] = []
         for block in self.blocks:
-            h, r = block(h, packed, key_mask)
+            h, r = block(h, packed, key_mask, per_sequence_experts)
             if r is not None:
                 routing.append(r)
         h = self.norm(h)

@@ -100,3 +100,13 @@ def test_tokenizer_truncation_and_empty() -> None:
     assert enc[0].ids == enc[0].ids[:3] and len(enc[0].ids) == 3 and enc[0].truncated
     assert enc[0].original_length == 5
     assert len(enc[1].ids) == 1  # an empty text still gets one (unknown) token
+
+
+def test_per_sequence_expert_baseline_matches_grouped() -> None:
+    """The benchmark's padded, expert-per-request baseline computes the same logits as the grouped fast path."""
+    model = _model()
+    seqs = _texts(7)
+    with torch.no_grad():
+        grouped = model(*pad_batch(seqs)).logits
+        baseline = model(*pad_batch(seqs), per_sequence_experts=True).logits
+    torch.testing.assert_close(baseline, grouped, atol=TOL, rtol=TOL)

@@ -1,0 +1,151 @@
+"""Offline engine benchmarks: matmul peak, the three execution modes, and the MoE layer's time split."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.modeling.artifacts import ModelBundle
+from service.modeling.classifier import ModelConfig, MoEClassifier, pad_batch
+from service.modeling.moe import MoEFeedForward
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a square n x n x n matmul in fp32 and bf16: the machine's practical limit for this work."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, dtype=dtype)
+        b = torch.randn(n, n, dtype=dtype)
+        t = median_time(lambda a=a, b=b: torch.mm(a, b), repeats)
+        out[name] = round(2 * n**3 / t / 1e9, 1)
+    return out
+
+
+def text_flops(cfg: ModelConfig, n: int) -> float:
+    """Useful FLOPs of one text of n tokens (multiply-add = 2 FLOPs); padding and unused experts excluded."""
+    d, ff = cfg.d_model, cfg.d_ff
+    total = 0.0
+    for attn, moe in zip(cfg.attention_layers(), cfg.moe_layers(), strict=True):
+        if attn:
+            total += 2 * n * d * 4 * d + 2 * 2 * n * n * d  # q, k, v, out projections; scores and weighted sum
+        if moe:
+            total += 2 * n * d * cfg.num_experts + cfg.top_k * 2 * 2 * n * d * ff  # router; k experts of 2 GEMMs
+        else:
+            total += 2 * 2 * n * d * ff
+    return total + 2 * d * cfg.num_labels
+
+
+@dataclass
+class EngineRow:
+    mode: str  # per_request | padded | grouped
+    texts: str  # short | long | mix
+    n_texts: int
+    tokens: int
+    seconds: float
+    seq_per_s: float
+    tokens_per_s: float
+    gflops: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _batches(seqs: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    # Sorted by length, as the server's length-aware batcher would group them.
+    ordered = sorted(seqs, key=len)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+@torch.inference_mode()
+def engine_modes(
+    model: MoEClassifier, sets: dict[str, list[list[int]]], batch_size: int, repeats: int
+) -> list[EngineRow]:
+    model.eval()
+    rows = []
+    for name, seqs in sets.items():
+        tokens = sum(len(s) for s in seqs)
+        flops = sum(text_flops(model.config, len(s)) for s in seqs)
+        batches = _batches(seqs, batch_size)
+        padded = [pad_batch(b) for b in batches]
+        singles = [pad_batch([s]) for s in seqs]
+        runs = {
+            "per_request": lambda singles=singles: [model(ids, mask) for ids, mask in singles],
+            "padded": lambda padded=padded: [model(ids, mask, per_sequence_experts=True) for ids, mask in padded],
+            "grouped": lambda padded=padded: [model(ids, mask) for ids, mask in padded],
+        }
+        for mode, fn in runs.items():
+            t = median_time(fn, repeats)
+            rows.append(
+                EngineRow(
+                    mode,
+                    name,
+                    len(seqs),
+                    tokens,
+                    round(t, 4),
+                    round(len(seqs) / t, 1),
+                    round(tokens / t, 1),
+                    round(flops / t / 1e9, 2),
+                )
+            )
+    return rows
+
+
+@torch.inference_mode()
+def moe_layer_split(layer: MoEFeedForward, tokens: int, repeats: int) -> dict[str, Any]:
+    """Time of one MoE layer on `tokens` packed tokens, split into routing / permute / experts / combine.
+
+    The input is unit-variance noise (the layer's input is layer-normed); routing on it is near uniform.
+    """
+    x = torch.randn(tokens, layer.d_model)
+    samples: list[dict[str, float]] = []
+    for i in range(repeats + 1):
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        r = layer.route(x)
+        timings["routing"] = time.perf_counter() - t0
+        layer.grouped_forward(x, r, timings=timings)
+        if i:  # first run is warm-up
+            samples.append(timings)
+    split = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+    total = sum(split.values())
+    flops = 2 * tokens * layer.d_model * layer.num_experts + layer.top_k * 4 * tokens * layer.d_model * layer.d_ff
+    return {
+        "tokens": tokens,
+        "seconds": round(total, 6),
+        "split_seconds": {k: round(v, 6) for k, v in split.items()},
+        "gflops": round(flops / total / 1e9, 1),
+        "expert_gflops": round(layer.top_k * 4 * tokens * layer.d_model * layer.d_ff / split["experts"] / 1e9, 1),
+    }
+
+
+def texts_for_bench(bundle: ModelBundle, n_short: int, n_long: int, n_mix: int) -> dict[str, list[list[int]]]:
+    """Token ids cut from the bbc-news test split: short ~32 tokens, long ~256 tokens, mix = articles as served."""
+    from service.training.data import load_dataset
+
+    test = load_dataset("bbc-news")["test"]
+    enc = bundle.tokenizer.encode_batch([e.text for e in test], bundle.config.max_length)
+    full = [e.ids for e in enc]
+    long_len = min(256, bundle.config.max_length)
+    longs = [s[:long_len] for s in full if len(s) >= long_len]
+    return {
+        "short": [full[i % len(full)][:32] for i in range(n_short)],
+        "long": [longs[i % len(longs)] for i in range(n_long)],
+        "mix": [full[i % len(full)] for i in range(n_mix)],
+    }

@@ -1,0 +1,198 @@
+"""Orchestrates a benchmark run and writes JSON, a markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+
+from service.bench import engine as eng
+from service.bench import served
+from service.modeling.artifacts import load_model
+
+log = logging.getLogger(__name__)
+
+MODES = {
+    "quick": {
+        "short": 128,
+        "long": 16,
+        "mix": 32,
+        "repeats": 3,
+        "concurrency": [1, 64],
+        "texts": ["short"],
+        "seconds": 4.0,
+        "open_rate": None,
+    },
+    "full": {
+        "short": 512,
+        "long": 64,
+        "mix": 128,
+        "repeats": 5,
+        "concurrency": [1, 4, 16, 64],
+        "texts": ["short", "mix"],
+        "seconds": 10.0,
+        "open_rate": 100.0,
+    },
+}
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = False) -> dict[str, Any]:
+    cfg = MODES[mode]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = load_model(model_dir)
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {
+        "mode": mode,
+        "model": bundle.name,
+        "machine": machine(),
+        "load_generator": "aiohttp (asyncio, one process) on the same cores as the server",
+    }
+    log.info("matmul peak")
+    results["peak_gflops"] = eng.matmul_peak()
+    log.info("engine modes")
+    sets = eng.texts_for_bench(bundle, cfg["short"], cfg["long"], cfg["mix"])
+    rows = eng.engine_modes(bundle.model, sets, batch_size=64, repeats=cfg["repeats"])
+    peak = results["peak_gflops"]["fp32"]
+    results["engine"] = [{**r.as_dict(), "peak_share": round(r.gflops / peak, 4)} for r in rows]
+    by = {(r.mode, r.texts): r for r in rows}
+    results["engine_ratios"] = {
+        t: {
+            "grouped_vs_per_request": round(by["grouped", t].seq_per_s / by["per_request", t].seq_per_s, 2),
+            "grouped_vs_padded": round(by["grouped", t].seq_per_s / by["padded", t].seq_per_s, 2),
+        }
+        for t in sets
+    }
+    layer = bundle.model.moe_layers[0]
+    results["moe_layer"] = [eng.moe_layer_split(layer, n, cfg["repeats"] + 2) for n in (64, 512, 2048, 8192)]
+    for row in results["moe_layer"]:
+        row["peak_share"] = round(row["gflops"] / peak, 4)
+    single = next(r for r in rows if r.mode == "per_request" and r.texts == "short")
+    results["engine_single_short_ms"] = round(1000 / single.seq_per_s, 3)
+
+    if not skip_served:
+        results["served"] = []
+        bodies = {
+            t: [orjson.dumps({"inputs": bundle.tokenizer.tokenizer.decode(ids)}) for ids in sets[t]]
+            for t in cfg["texts"]
+        }
+        for server in ("moe-serve", "naive"):
+            log.info("served: %s", server)
+            with served.start_server(server, Path(model_dir).resolve(), threads, out_dir / f"{server}.log") as url:
+                for texts in cfg["texts"]:
+                    for c in cfg["concurrency"]:
+                        r = served.closed_loop(f"{url}/v1/classify", bodies[texts], c, cfg["seconds"], server, texts)
+                        results["served"].append(r.as_dict())
+                        log.info("%s %s c=%d: %.1f req/s p50 %.1f ms", server, texts, c, r.rps, r.p50_ms)
+                if cfg["open_rate"]:
+                    r = served.open_loop(
+                        f"{url}/v1/classify", bodies["short"], cfg["open_rate"], cfg["seconds"], server, "short"
+                    )
+                    results["served"].append(r.as_dict())
+        results["served_ratios"] = _served_ratios(results["served"], results["engine_single_short_ms"])
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "bench.md").write_text(markdown(results))
+    from service.bench.plots import plot_all
+
+    plot_all(results, out_dir)
+    return results
+
+
+def _served_ratios(rows: list[dict[str, Any]], single_ms: float) -> dict[str, Any]:
+    def get(server: str, texts: str, c: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["server"] == server and r["texts"] == texts and r["concurrency"] == c), None)
+
+    out: dict[str, Any] = {}
+    a, b = get("moe-serve", "short", 64), get("naive", "short", 64)
+    if a and b and b["rps"]:
+        out["short_c64_throughput_vs_naive"] = round(a["rps"] / b["rps"], 2)
+    one = get("moe-serve", "short", 1)
+    if one:
+        out["short_c1_p50_vs_engine_single"] = round(one["p50_ms"] / single_ms, 2)
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"# moe-serve bench ({r['mode']} mode), model `{r['model']}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} threads, "
+        f"Python {m['python']}. Load generator: {r['load_generator']}.",
+        "",
+        f"Matmul peak (2048^3): fp32 {r['peak_gflops']['fp32']} GFLOP/s, bf16 {r['peak_gflops']['bf16']} GFLOP/s.",
+        "",
+        "## Engine (offline, same texts, batches of 64)",
+        "",
+        "| texts | mode | texts/s | tokens/s | useful GFLOP/s | share of fp32 peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in r["engine"]:
+        lines.append(
+            f"| {e['texts']} | {e['mode']} | {e['seq_per_s']} | {e['tokens_per_s']} | {e['gflops']} "
+            f"| {e['peak_share']:.1%} |"
+        )
+    lines += ["", "| texts | grouped / per_request | grouped / padded |", "|---|---|---|"]
+    for t, v in r["engine_ratios"].items():
+        lines.append(f"| {t} | {v['grouped_vs_per_request']}x | {v['grouped_vs_padded']}x |")
+    lines += [
+        "",
+        "## One MoE layer (grouped dispatch)",
+        "",
+        "| tokens | time ms | routing | permute | experts | combine | GFLOP/s | expert GEMM GFLOP/s "
+        "| share of fp32 peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["moe_layer"]:
+        s = row["split_seconds"]
+        tot = row["seconds"]
+        lines.append(
+            f"| {row['tokens']} | {tot * 1000:.3f} | "
+            + " | ".join(f"{s[k] / tot:.0%}" for k in ("routing", "permute", "experts", "combine"))
+            + f" | {row['gflops']} | {row['expert_gflops']} | {row['peak_share']:.1%} |"
+        )
+    if "served" in r:
+        lines += [
+            "",
+            "## Served over HTTP (closed loop unless a rate is given)",
+            "",
+            "| server | texts | concurrency | offered rate | req/s | p50 ms | p95 ms | p99 ms | errors |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in r["served"]:
+            lines.append(
+                f"| {s['server']} | {s['texts']} | {s['concurrency'] or '-'} | {s['rate'] or '-'} "
+                f"| {s['rps']} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} |"
+            )
+        lines += [
+            "",
+            f"Ratios: {json.dumps(r['served_ratios'])}; engine single short text: {r['engine_single_short_ms']} ms.",
+        ]
+    lines += ["", f"Total bench time: {r['seconds']} s.", ""]
+    return "\n".join(lines)

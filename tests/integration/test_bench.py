@@ -1,0 +1,56 @@
+"""`moe-serve bench --quick` end to end (a smoke test: it checks the output's shape, never timings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_quick_smoke(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "bench",
+            "--quick",
+            "--model",
+            str(tiny_model_dir),
+            "--output-dir",
+            str(out),
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert set(res["peak_gflops"]) == {"fp32", "bf16"} and res["peak_gflops"]["fp32"] > 0
+    modes = {(e["mode"], e["texts"]) for e in res["engine"]}
+    assert {(m, t) for m in ("per_request", "padded", "grouped") for t in ("short", "long", "mix")} <= modes
+    for e in res["engine"]:
+        assert e["seq_per_s"] > 0 and e["tokens_per_s"] > 0 and e["gflops"] > 0
+    served = {(s["server"], s["texts"], s["concurrency"]) for s in res["served"]}
+    assert {
+        ("moe-serve", "short", 1),
+        ("moe-serve", "short", 64),
+        ("naive", "short", 1),
+        ("naive", "short", 64),
+    } <= served
+    for s in res["served"]:
+        assert s["errors"] == 0 and s["rps"] > 0 and s["p50_ms"] <= s["p99_ms"]
+    for name in ("bench.md", "throughput_vs_concurrency.png", "latency_percentiles.png", "moe_layer_split.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| grouped |" in (out / "bench.md").read_text() or "grouped" in (out / "bench.md").read_text()
