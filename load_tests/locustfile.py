@@ -19,7 +19,7 @@ def _load_texts() -> list[str]:
         from service.training.data import load_dataset
 
         return [e.text for e in load_dataset("bbc-news")["test"]]
-    except Exception:  # noqa: BLE001 - any failure falls back to the built-in texts
+    except Exception:  # any failure (package missing, ...) falls back to the built-in texts
         return [
             "Shares in the bank rose 5% after profits beat forecasts.",
             "The striker scored twice as the home side won the cup final.",
@@ -58,8 +58,11 @@ class ClassifierUser(FastHttpUser):
 
     @task(1)
     def classify_with_routing(self) -> None:
-        self.client.post("/v1/classify", json={"model": MODEL, "inputs": _text(), "return_routing": True},
-                         name="/v1/classify [routing]")
+        self.client.post(
+            "/v1/classify",
+            json={"model": MODEL, "inputs": _text(), "return_routing": True},
+            name="/v1/classify [routing]",
+        )
 
     @task(3)
     def infer_v2(self) -> None:
@@ -70,8 +73,7 @@ class ClassifierUser(FastHttpUser):
     @task(1)
     def bad_request(self) -> None:
         # Expected 422s are a success for the load test; anything else is a failure.
-        with self.client.post("/v1/classify", json={"inputs": []}, name="/v1/classify [bad]",
-                              catch_response=True) as r:
+        with self.client.post("/v1/classify", json={"inputs": []}, name="/v1/classify [bad]", catch_response=True) as r:
             if r.status_code == 422:
                 r.success()
             else:

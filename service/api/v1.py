@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody
 from service.engine.batcher import ModelWorker, TextResult
 from service.engine.registry import Engine
 from service.errors import ErrorKind, ServiceError
+from service.modeling.layout import EVAL_FILE
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (404, 413, 422, 429, 503, 504)}
@@ -98,10 +100,8 @@ async def classify(body: ClassifyRequest, request: Request) -> JSON:
 def model_card(worker: ModelWorker) -> dict[str, Any]:
     info = worker.info
     evaluation = None
-    eval_file = info.path / "eval.json"
+    eval_file = info.path / EVAL_FILE
     if eval_file.is_file():
-        import json
-
         rep = json.loads(eval_file.read_text())
         evaluation = {k: rep.get(k) for k in ("dataset", "split", "examples", "accuracy", "macro_f1", "roc_auc")}
     a = info.architecture

@@ -224,8 +224,7 @@ class ModelWorker:
         if req.cancelled or req.failed:
             return True
         if now >= req.deadline:
-            req.failed = True
-            self.metrics.failures.labels(self.name, ErrorKind.DEADLINE_EXCEEDED.value).inc()
+            req.failed = True  # counted in the failure metrics by the API's error handler, like every 504
             req.loop.call_soon_threadsafe(_set_exception, req.future, deadline_exceeded(self.name))
             return True
         return False

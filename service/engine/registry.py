@@ -12,7 +12,7 @@ from service.config import Settings
 from service.engine.batcher import ModelWorker
 from service.errors import ErrorKind, ServiceError, model_not_found
 from service.metrics import Metrics
-from service.modeling.artifacts import CONFIG_FILE, ROUTING_PROFILE_FILE
+from service.modeling.layout import CONFIG_FILE, ROUTING_PROFILE_FILE
 
 log = logging.getLogger(__name__)
 

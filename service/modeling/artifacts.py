@@ -14,14 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from service.modeling.classifier import ModelConfig, MoEClassifier
+from service.modeling.layout import CONFIG_FILE, MODEL_TYPE, TOKENIZER_FILE, WEIGHTS_FILE
 from service.modeling.tokenizer import TextTokenizer
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-EVAL_FILE = "eval.json"
-ROUTING_PROFILE_FILE = "routing_profile.json"
-MODEL_TYPE = "moe-text-classifier"
 
 
 class ModelFolderError(ValueError):
@@ -68,6 +62,7 @@ def save_model(
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "model_type": MODEL_TYPE})
+    (out / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it owner-only; a server running as another user reads it
     tokenizer.save(out / TOKENIZER_FILE)
     return out
 

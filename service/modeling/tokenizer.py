@@ -46,6 +46,14 @@ class TextTokenizer:
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], show_progress=False)
         tok.train_from_iterator(texts, trainer=trainer)
+        # The trainer numbers tokens in an order that varies from run to run (hash-map order in Rust), though the
+        # vocabulary itself is the same. Renumber deterministically (specials first, then sorted) so the same data
+        # gives the same token ids, and so the same model, on every run and machine. WordPiece matching is
+        # greedy longest-match and does not depend on the ids.
+        vocab = tok.get_vocab()
+        specials = [PAD, UNK]
+        ordered = specials + sorted(t for t in vocab if t not in specials)
+        tok.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token=UNK)
         return cls(tok)
 
     def save(self, path: str | Path) -> None:

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.modeling.artifacts import ROUTING_PROFILE_FILE, ModelBundle
+from service.modeling.artifacts import ModelBundle
 from service.modeling.classifier import MoEClassifier, pad_batch
+from service.modeling.layout import ROUTING_PROFILE_FILE
 from service.modeling.tokenizer import TextTokenizer
 from service.training.data import DataError, Example, cap_examples, load_dataset
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import DEFAULT_MODEL, ROOT
 
@@ -122,3 +124,19 @@ def test_default_model_meets_its_bar(tmp_path: Path) -> None:
     assert report["examples"] == 444
     size = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file())
     assert size <= 20_000_000, size
+
+
+def test_training_is_reproducible(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Same recipe, same machine: byte-identical tokenizer, weights and reports."""
+    r = _cli(
+        "train", "--recipe", str(ROOT / "recipes" / "tiny.yaml"), "--output", str(tmp_path / "again"), "--no-progress"
+    )
+    assert r.returncode == 0, r.stderr
+    for name in ("tokenizer.json", "routing_profile.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+    # safetensors writes its header's metadata in hash-map order, so compare tensors, not bytes.
+    w1, w2 = (load_file(str(d / "model.safetensors")) for d in (tiny_model_dir, tmp_path / "again"))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    first, again = (json.loads((d / "eval.json").read_text()) for d in (tiny_model_dir, tmp_path / "again"))
+    assert first.pop("model") == "tiny" and again.pop("model") == "again"
+    assert first == again

@@ -1,0 +1,8 @@
+"""File names inside a model folder (no torch here: the engine and API read them without importing torch)."""
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+EVAL_FILE = "eval.json"
+ROUTING_PROFILE_FILE = "routing_profile.json"
+MODEL_TYPE = "moe-text-classifier"
