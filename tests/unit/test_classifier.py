@@ -110,3 +110,17 @@ def test_per_sequence_expert_baseline_matches_grouped() -> None:
         grouped = model(*pad_batch(seqs)).logits
         baseline = model(*pad_batch(seqs), per_sequence_experts=True).logits
     torch.testing.assert_close(baseline, grouped, atol=TOL, rtol=TOL)
+
+
+def test_any_tokenizer_json_loads(tmp_path: Path) -> None:
+    """A tokenizer.json made elsewhere (here: byte-level BPE, no [PAD]/[UNK]) loads and encodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["some text to learn from", "more text here"] * 5, trainers.BpeTrainer(vocab_size=300))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = TextTokenizer.from_file(tmp_path / "tokenizer.json")
+    assert loaded.pad_id == 0
+    enc = loaded.encode_batch(["text here", ""], max_length=8)
+    assert 0 < len(enc[0].ids) <= 8 and len(enc[1].ids) == 1
