@@ -19,7 +19,7 @@ from service.api import v1, v2
 from service.api.common import JSON, ClientDisconnected
 from service.config import Settings
 from service.engine.registry import Engine
-from service.errors import STATUS, ErrorKind, ServiceError
+from service.errors import FRAMEWORK_ERRORS, ErrorKind, ServiceError
 from service.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class BodyLimitAndMetrics:
         too_large = ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body is larger than {limit} bytes")
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limit:
+            self.metrics.failures.labels("", too_large.kind.value).inc()
             await _error_response(too_large)(scope, receive, send_wrapper)
         else:
             received = 0
@@ -58,7 +59,7 @@ class BodyLimitAndMetrics:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
-                        raise _BodyTooLarge
+                        raise _BodyTooLarge(413, too_large.message)
                 return message
 
             try:
@@ -73,8 +74,9 @@ class BodyLimitAndMetrics:
             self.metrics.request_duration.labels(model, path).observe(time.perf_counter() - t0)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while a streamed body is read. An HTTPException, so FastAPI passes it to the app's handler (413)
+    instead of turning it into a 400 'error parsing the body'."""
 
 
 def _error_response(err: ServiceError) -> JSON:
@@ -140,7 +142,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSON:
-        kind = next((k for k, s in STATUS.items() if s == exc.status_code), None)
+        # Errors raised by the framework itself: unknown route, wrong method, streamed body over the limit.
+        kind = FRAMEWORK_ERRORS.get(exc.status_code)
+        if kind is not None and kind is not ErrorKind.NOT_FOUND:
+            return failure(request, ServiceError(kind, str(exc.detail)))
         body = {"error": str(exc.detail), "type": kind.value if kind else "http_error"}
         return JSON(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 

@@ -36,6 +36,9 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.INTERNAL: 500,
 }
 
+# Statuses raised by the web framework itself (unknown route, streamed body over the limit) -> our error kinds.
+FRAMEWORK_ERRORS: dict[int, ErrorKind] = {404: ErrorKind.NOT_FOUND, 413: ErrorKind.PAYLOAD_TOO_LARGE}
+
 
 class ServiceError(Exception):
     def __init__(

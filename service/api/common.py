@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from service.engine.batcher import ClassifyResult
+from service.errors import ErrorKind
 
 T = TypeVar("T")
 
@@ -60,4 +61,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.done():
         return task.result()
     task.cancel()
+    if not watcher.cancelled() and watcher.exception() is not None:
+        raise watcher.exception()  # type: ignore[misc]
+    model = getattr(request.state, "model", "")
+    request.app.state.metrics.failures.labels(model, ErrorKind.CLIENT_GONE.value).inc()
     raise ClientDisconnected

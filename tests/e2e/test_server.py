@@ -249,6 +249,46 @@ def test_body_too_large(server: str) -> None:
     assert r.status_code == 413 and r.json()["type"] == "payload_too_large"
 
 
+def test_streamed_body_too_large(server: str) -> None:
+    """A chunked body (no Content-Length) is counted as it arrives and refused with 413 too."""
+
+    def chunks():
+        yield b'{"inputs": "'
+        for _ in range(300):
+            yield b"word " * 200
+        yield b'"}'
+
+    r = httpx.post(f"{server}/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["type"] == "payload_too_large"
+
+
+def test_unknown_route(server: str) -> None:
+    r = httpx.get(f"{server}/v1/nope")
+    assert r.status_code == 404 and r.json()["type"] == "not_found"
+
+
+def test_v2_bad_binary_and_nested_data(server: str) -> None:
+    url = f"{server}/v2/models/tiny/infer"
+    payload = struct.pack("<I", 2) + b"hi"
+
+    def post(size: object, extra: bytes = b"") -> httpx.Response:
+        header = json.dumps(
+            {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": size}}]}
+        ).encode()
+        return httpx.post(
+            url, content=header + payload + extra, headers={"Inference-Header-Content-Length": str(len(header))}
+        )
+
+    assert post(len(payload)).status_code == 200
+    for size in ("6", -1, 10**6, 1.5):
+        r = post(size)
+        assert r.status_code == 422 and "binary_data_size" in r.json()["error"], (size, r.text)
+    r = post(len(payload), extra=b"junk")
+    assert r.status_code == 422 and "not claimed" in r.json()["error"]
+    mixed = {"inputs": [{"name": "text", "shape": [4], "datatype": "BYTES", "data": [["hi"], "abc"]}]}
+    assert httpx.post(url, json=mixed).status_code == 422
+
+
 def test_v2_bad_inputs(server: str) -> None:
     url = f"{server}/v2/models/tiny/infer"
     bad = [

@@ -121,3 +121,32 @@ def test_expired_and_cancelled_items_never_reach_the_model(tiny_model_dir: Path)
         expired.future.result()
     assert not cancelled.future.done()
     loop.close()
+
+
+def test_model_error_fails_its_batch_and_the_worker_lives_on(tiny_model_dir: Path) -> None:
+    """A token id beyond the vocabulary makes the real model raise: that request gets an internal error, the
+    inference thread survives, and the next request is served."""
+    worker = _worker(tiny_model_dir, max_wait_ms=0)
+    worker.start()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        bad = PendingRequest(loop, loop.create_future(), 1, time.monotonic() + 30, False)
+        worker._admit([WorkItem(bad, 0, [10**6], False, time.monotonic())])
+        with pytest.raises(ServiceError, match="failed on this batch"):
+            await bad.future
+        return await worker.classify(["the markets rallied"])
+
+    ok = asyncio.run(run())
+    worker.stop()
+    assert ok.results[0].logits.shape == (5,)
+
+
+def test_stopped_worker_refuses_new_work(tiny_model_dir: Path) -> None:
+    worker = _worker(tiny_model_dir)
+    worker.start()
+    worker.stop()
+    assert not worker.ready
+    with pytest.raises(ServiceError, match="shutting down") as exc:
+        asyncio.run(worker.classify(["late request"]))
+    assert exc.value.status == 503

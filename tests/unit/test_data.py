@@ -14,17 +14,19 @@ from service.training.data import DataError, load_dataset
 def test_bbc_news_split_is_fixed_and_stratified() -> None:
     ds = load_dataset("bbc-news")
     sizes = {s: len(p) for s, p in ds.splits.items()}
-    assert sum(sizes.values()) == 2225
-    assert sizes == {"train": 1558, "validation": 223, "test": 444}
+    # 2,225 files, 2,125 distinct texts: duplicates are dropped before splitting so none spans two splits.
+    assert sizes == {"train": 1487, "validation": 212, "test": 426}
     assert ds.labels == ["business", "entertainment", "politics", "sports", "tech"]
     # Stratified: each class's share of the test split is within a point of its share overall.
     overall = Counter(e.label for p in ds.splits.values() for e in p)
     test = Counter(e.label for e in ds["test"])
     for lab in overall:
-        assert abs(test[lab] / 444 - overall[lab] / 2225) < 0.01
+        assert abs(test[lab] / 426 - overall[lab] / 2125) < 0.01
     # Disjoint, and the same on a second load (the split depends on nothing but the seed).
     uids = [e.uid for p in ds.splits.values() for e in p]
-    assert len(set(uids)) == 2225
+    assert len(set(uids)) == 2125
+    texts = {s: {" ".join(e.text.split()) for e in p} for s, p in ds.splits.items()}
+    assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["validation"])
     again = load_dataset("bbc-news")
     assert [e.uid for e in again["test"]] == [e.uid for e in ds["test"]]
     assert [e.uid for e in load_dataset("bbc-news", seed=14)["test"]] != [e.uid for e in ds["test"]]
@@ -66,6 +68,7 @@ def test_jsonl_with_split_column(tmp_path: Path) -> None:
         ('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', ".jsonl", "at least 2 distinct labels"),
         ('{"text": "a", "label": "x", "split": "dev"}\n', ".jsonl", "split 'dev' is not one of"),
         ("text\tlabel\n", ".tsv", "unsupported file type"),
+        ("text,label\nsame words,a\nother,b\nsame  words,b\n", ".csv", r"line 2 \('a'\) and line 4 \('b'\)"),
     ],
 )
 def test_bad_files_rejected_with_clear_message(tmp_path: Path, content: str, suffix: str, message: str) -> None:
