@@ -124,3 +124,13 @@ def test_any_tokenizer_json_loads(tmp_path: Path) -> None:
     assert loaded.pad_id == 0
     enc = loaded.encode_batch(["text here", ""], max_length=8)
     assert 0 < len(enc[0].ids) <= 8 and len(enc[1].ids) == 1
+
+
+def test_recipe_model_section_covers_the_model_config() -> None:
+    """The recipe's model section mirrors ModelConfig; a field added to one must be added to the other."""
+    from dataclasses import fields
+
+    from service.training.train import ModelRecipe
+
+    config_fields = {f.name for f in fields(ModelConfig)} - {"num_labels", "pad_token_id"}
+    assert set(ModelRecipe.model_fields) == config_fields
