@@ -24,16 +24,45 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 @contextlib.contextmanager
-def start_server(kind: str, model_dir: Path, threads: int, log_path: Path) -> Iterator[str]:
-    """kind: moe-serve | naive. Yields the base URL once the server answers its readiness probe."""
-    port = _free_port()
+def server_process(
+    cmd: list[str], env: dict[str, str], port: int, log_path: Path, timeout_s: float = 120
+) -> Iterator[str]:
+    """Start a server process, yield its base URL once /v2/health/ready answers 200, stop it afterwards (its
+    output goes to log_path). Used by the benchmarks and by the end-to-end tests."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready in {timeout_s:.0f} s: {log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_server(kind: str, model_dir: Path, threads: int, log_path: Path) -> contextlib.AbstractContextManager[str]:
+    """kind: moe-serve | naive, on a free loopback port."""
+    port = free_port()
     env = {**os.environ, "MOE_LOG_LEVEL": "warning"}
     if kind == "moe-serve":
         cmd = [
@@ -52,28 +81,7 @@ def start_server(kind: str, model_dir: Path, threads: int, log_path: Path) -> It
         ]
     else:
         cmd = [sys.executable, "-m", "service.bench.served", "naive", str(model_dir), str(port), str(threads)]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{kind} server exited: {log_path.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{kind} server not ready in 120 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return server_process(cmd, env, port, log_path)
 
 
 @dataclass

@@ -5,28 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service.bench.served import free_port, server_process
 
 
 @contextlib.contextmanager
 def run_server(models_dir: Path, log_path: Path, **settings: str) -> Iterator[str]:
-    port = _free_port()
+    """`moe-serve serve` configured through MOE_* variables, as a deployment would be."""
+    port = free_port()
     env = {
         **os.environ,
         "MOE_MODELS_DIR": str(models_dir),
@@ -35,30 +26,9 @@ def run_server(models_dir: Path, log_path: Path, **settings: str) -> Iterator[st
         "MOE_LOG_LEVEL": "warning",
         **{f"MOE_{k.upper()}": str(v) for k, v in settings.items()},
     }
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 90 s:\n{log_path.read_text()}")
-            time.sleep(0.2)
+    # A server that exits or never gets ready raises RuntimeError with the end of its log.
+    with server_process([sys.executable, "-m", "service.cli", "serve"], env, port, log_path, 90) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
