@@ -63,9 +63,6 @@ class EngineRow:
     tokens_per_s: float
     gflops: float
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 def _batches(seqs: list[list[int]], batch_size: int) -> list[list[list[int]]]:
     # Sorted by length, as the server's length-aware batcher would group them.

@@ -11,6 +11,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _concurrency_axis(ax: plt.Axes) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients (closed loop)")
+
+
 def plot_all(r: dict[str, Any], out: Path) -> None:
     _moe_split(r["moe_layer"], out / "moe_layer_split.png")
     _engine(r["engine"], out / "engine_modes.png")
@@ -31,14 +42,11 @@ def _throughput(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for (server, texts), pts in _series(rows).items():
         ax.plot([p["concurrency"] for p in pts], [p["rps"] for p in pts], marker="o", label=f"{server} ({texts})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients (closed loop)")
+    _concurrency_axis(ax)
     ax.set_ylabel("requests/s")
     ax.set_title("Throughput vs concurrency")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _latency(rows: list[dict[str, Any]], path: Path) -> None:
@@ -53,9 +61,7 @@ def _latency(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("latency ms")
     ax.set_title("Latency percentiles")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _moe_split(rows: list[dict[str, Any]], path: Path) -> None:
@@ -71,9 +77,7 @@ def _moe_split(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("% of MoE layer time")
     ax.set_title("MoE layer time split")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _engine(rows: list[dict[str, Any]], path: Path) -> None:
@@ -88,6 +92,4 @@ def _engine(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("tokens/s")
     ax.set_title("Engine throughput by execution mode")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
     sets = eng.texts_for_bench(bundle, cfg["short"], cfg["long"], cfg["mix"])
     rows = eng.engine_modes(bundle.model, sets, batch_size=64, repeats=cfg["repeats"])
     peak = results["peak_gflops"]["fp32"]
-    results["engine"] = [{**r.as_dict(), "peak_share": round(r.gflops / peak, 4)} for r in rows]
+    results["engine"] = [{**asdict(r), "peak_share": round(r.gflops / peak, 4)} for r in rows]
     by = {(r.mode, r.texts): r for r in rows}
     results["engine_ratios"] = {
         t: {
@@ -114,7 +115,7 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
                             for _ in range(cfg["served_runs"])
                         ]
                         r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
-                        row = {**r.as_dict(), "runs": len(runs), "rps_all_runs": [x.rps for x in runs]}
+                        row = {**asdict(r), "runs": len(runs), "rps_all_runs": [x.rps for x in runs]}
                         results["served"].append(row)
                         log.info(
                             "%s %s c=%d: %.1f req/s p50 %.1f ms (runs: %s)",
@@ -129,7 +130,7 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
                     r = served.open_loop(
                         f"{url}/v1/classify", bodies["short"], cfg["open_rate"], cfg["seconds"], server, "short"
                     )
-                    results["served"].append({**r.as_dict(), "runs": 1, "rps_all_runs": [r.rps]})
+                    results["served"].append({**asdict(r), "runs": 1, "rps_all_runs": [r.rps]})
         results["served_ratios"] = _served_ratios(results["served"], results["engine_single_short_ms"])
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -98,9 +98,6 @@ class LoadResult:
     p95_ms: float
     p99_ms: float
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 def _pct(lat: list[float], q: float) -> float:
     if not lat:

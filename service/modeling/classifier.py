@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.modeling.moe import MoEFeedForward, RouterOutput, load_balancing_loss, router_z_loss
+from service.modeling.moe import (
+    MoEFeedForward,
+    RouterOutput,
+    activation_fn,
+    load_balancing_loss,
+    router_z_loss,
+)
 
 
 @dataclass
@@ -112,7 +118,7 @@ class DenseFeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
-        self.act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[activation]
+        self.act = activation_fn(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

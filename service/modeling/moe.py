@@ -62,7 +62,7 @@ def router_z_loss(router: RouterOutput) -> torch.Tensor:
     return torch.logsumexp(router.logits, dim=-1).pow(2).mean()
 
 
-def _activation(name: str):
+def activation_fn(name: str):
     if name == "gelu":
         return F.gelu
     if name == "relu":
@@ -82,7 +82,7 @@ class MoEFeedForward(nn.Module):
         self.d_model, self.d_ff = d_model, d_ff
         self.num_experts, self.top_k = num_experts, top_k
         self.activation = activation
-        self._act = _activation(activation)
+        self._act = activation_fn(activation)
         self.router = nn.Linear(d_model, num_experts, bias=False)
         # Expert weights stored stacked, [E, in, out], so one expert's GEMM is x @ w1[e].
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))

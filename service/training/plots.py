@@ -12,6 +12,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.5))
     ax.imshow(cm, cmap="Blues")
@@ -25,9 +31,7 @@ def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path) -> None:
                 j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
             )
     ax.set_title("Confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def roc_curves(probs: np.ndarray, y: np.ndarray, labels: list[str], path: Path) -> None:
@@ -44,9 +48,7 @@ def roc_curves(probs: np.ndarray, y: np.ndarray, labels: list[str], path: Path) 
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC, one vs rest")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def expert_by_class(layers: list[dict[str, Any]], labels: list[str], path: Path) -> None:
@@ -59,6 +61,4 @@ def expert_by_class(layers: list[dict[str, Any]], labels: list[str], path: Path)
         ax.set_xlabel("expert")
         ax.set_title(f"MoE layer {layer['layer']}: share of class tokens")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
