@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install tools serve test lint bench train-default clean
+.PHONY: install tools serve test lint bench train-default train-minilm compare-models clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +18,7 @@ tools:
 	@bash scripts/install-tools.sh
 
 serve: install
-	$(VENV)/bin/moe-serve serve
+	$(VENV)/bin/moe-serve serve --default-model bbc-news-minilm-moe
 
 test: install tools
 	$(PY) -m ruff check service tests load_tests
@@ -29,6 +29,15 @@ bench: install tools
 
 train-default: install
 	$(VENV)/bin/moe-serve train --recipe recipes/bbc-news-moe.yaml --output models/bbc-news-moe
+
+# The pretrained model: all-MiniLM-L6-v2 converted to experts (MoEfication) and fine-tuned.
+train-minilm: install
+	$(VENV)/bin/moe-serve train --recipe recipes/bbc-news-minilm-moe.yaml --output models/bbc-news-minilm-moe
+
+# README's model comparison table (baselines, both committed models).
+compare-models: install
+	$(PY) scripts/compare_models.py --model models/bbc-news-moe --model models/bbc-news-minilm-moe \
+		--json docs/models/comparison.json
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .ruff_cache

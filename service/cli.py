@@ -1,4 +1,4 @@
-"""`moe-serve` command line: train | evaluate | serve | bench. Thin wrappers over the modules that do the work."""
+"""`moe-serve` command line: train | evaluate | calibrate | export | serve | bench. Thin wrappers over modules."""
 
 from __future__ import annotations
 
@@ -22,17 +22,64 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from service.backends import load_backend
     from service.modeling.artifacts import load_model
     from service.training.evaluate import evaluate_model
 
     bundle = load_model(args.model)
     out = args.output_dir
+    variant = "" if (args.backend, args.precision) == ("torch", "fp32") else f"-{args.backend}-{args.precision}"
     if out is None:
         data_name = Path(args.data).stem if args.data else bundle.training.get("dataset", "data")
-        out = Path("reports") / f"{bundle.name}-{data_name}-{args.split}"
-    report = evaluate_model(bundle, args.data, args.split, out, args.text_column, args.label_column)
+        out = Path("reports") / f"{bundle.name}-{data_name}-{args.split}{variant}"
+    backend = load_backend(args.model, "cpu", args.backend, precision=args.precision) if variant else None
+    report = evaluate_model(bundle, args.data, args.split, out, args.text_column, args.label_column, backend)
     print(json.dumps(report, indent=2))
     print(f"report and plots written to {out}", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from service.modeling.onnx_export import export_model
+
+    for path in export_model(args.model, int8=args.quantize == "int8"):
+        print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    if args.choose:
+        print(json.dumps(_choose_backend(Path(args.model), args.threads), indent=2))
+    return 0
+
+
+def _choose_backend(model_dir: Path, threads: int | None) -> dict:
+    """Measure every variant on the model's validation split and record the fastest correct one."""
+    from service.bench.backends import measure_variants, write_choice
+    from service.bench.run import machine
+    from service.modeling.artifacts import load_model
+    from service.training.evaluate import encode_examples, model_examples
+
+    bundle = load_model(model_dir)
+    examples, _ = model_examples(bundle, None, "validation")
+    texts = encode_examples(bundle.tokenizer, examples, bundle.config.max_length)[:128]
+    rows = measure_variants(model_dir, texts, "validation", threads=threads)
+    m = machine()
+    choice = write_choice(model_dir, rows, f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}")
+    return {"model": bundle.name, "chosen": choice, "variants": rows}
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from service.modeling.artifacts import load_model, write_temperature
+    from service.training.calibration import fit_temperature
+    from service.training.evaluate import calibration_section, label_ids, model_examples, predict_texts
+
+    bundle = load_model(args.model)
+    examples, _ = model_examples(bundle, None, args.split)
+    preds, _ = predict_texts(bundle, [e.text for e in examples])  # preds.logits: the model's own, whatever T is
+    y = label_ids(bundle, examples)
+    temperature = fit_temperature(preds.logits, y)
+    write_temperature(args.model, temperature)
+    section = calibration_section(preds.logits, y, temperature)
+    result = {"model": bundle.name, "split": args.split, "examples": len(examples), **section}
+    print(json.dumps(result, indent=2))
+    print(f"temperature {temperature} written to {Path(args.model) / 'config.json'}", file=sys.stderr)
     return 0
 
 
@@ -88,7 +135,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-column")
     e.add_argument("--label-column")
     e.add_argument("--output-dir", help="where to write eval.json and plots (default: reports/<model>-<data>-<split>)")
+    e.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="onnx needs `moe-serve export` first")
+    e.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="bf16 with torch, int8 with onnx"
+    )
     e.set_defaults(func=_evaluate)
+
+    x = sub.add_parser(
+        "export",
+        help="export a model folder to ONNX (model.onnx; with --quantize int8 also model.int8.onnx)",
+        description="Dynamic batch and sequence axes, sparse routing kept in the graph, onnxruntime's offline "
+        "graph optimisations applied; int8 is onnxruntime's dynamic quantisation of every MatMul/Gemm.",
+    )
+    x.add_argument("--model", required=True, help="model folder, e.g. models/bbc-news-moe")
+    x.add_argument("--quantize", choices=["int8"], help="also write the int8 graph")
+    x.add_argument(
+        "--choose",
+        action="store_true",
+        help="then time every backend/precision and check it against torch fp32 on the validation split, and "
+        'record the fastest correct one in config.json "serving" (what --backend auto serves)',
+    )
+    x.add_argument("--threads", type=int, help="threads while measuring (default: the library's choice)")
+    x.set_defaults(func=_export)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="fit the temperature on the model's own validation split and store it in its config.json",
+        description="Temperature scaling: one scalar T minimising the NLL of softmax(logits / T) on the split. "
+        "Prints T and the 15-bin expected calibration error before (T = 1) and after, on that split.",
+    )
+    c.add_argument("--model", required=True, help="model folder, e.g. models/bbc-news-moe")
+    c.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    c.set_defaults(func=_calibrate)
 
     s = sub.add_parser(
         "serve",
@@ -101,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--threads", type=int, help="torch intra-op threads")
+    s.add_argument("--threads", type=int, help="intra-op threads of torch / onnxruntime")
+    s.add_argument("--backend", choices=["auto", "torch", "onnx"], help="default auto: each model folder's choice")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], help="bf16 (torch) or int8 (onnx)")
     s.add_argument("--max-batch-tokens", type=int)
     s.add_argument("--max-batch-size", type=int)
     s.add_argument("--max-wait-ms", type=float)

@@ -19,7 +19,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
 
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads of torch / onnxruntime (default: theirs)")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="auto: each model folder's measured choice (config.json serving), else torch"
+    )
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="auto: the folder's choice; bf16 with torch, int8 with onnx"
+    )
 
     max_batch_tokens: int = Field(
         16384, ge=1, description="token budget of one batch, counted as batch size x longest text (padded)"

@@ -128,7 +128,7 @@ class Metrics:
             "moe_texts_truncated", "Texts cut to the model's maximum length.", ["model"], registry=r
         )
         self.model_info = Gauge(
-            "moe_model_info", "Loaded models (value 1).", ["model", "backend", "device"], registry=r
+            "moe_model_info", "Loaded models (value 1).", ["model", "backend", "device", "precision"], registry=r
         )
 
     def watch_routing(self, sources: Callable[[], Iterable[tuple[str, RoutingStats]]]) -> None:

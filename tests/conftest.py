@@ -23,3 +23,76 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = Recipe.from_file(ROOT / "recipes" / "tiny.yaml")
     train(recipe, out, progress=False)
     return out
+
+
+def write_topic_csv(path: Path, rows_per_class: int = 40) -> Path:
+    """A small three-topic CSV in the tiny BERT's vocabulary; each text is a title line and a body."""
+    import csv
+    import random
+
+    topics = {
+        "business": "stocks shares market bank profit fell rose sharply",
+        "sport": "match team goal player season win",
+        "tech": "phone software computer internet game chip mobile users",
+    }
+    filler = ["the", "a", "of", "to", "and", "in", "on", "for", "is", "was", "new", "year", "said"]
+    rng = random.Random(0)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for label, words in topics.items():
+            vocab = words.split()
+            for _ in range(rows_per_class):
+                title = " ".join(rng.choice(vocab) for _ in range(3))
+                body = " ".join(rng.choice(vocab + filler) for _ in range(rng.randint(8, 40)))
+                w.writerow([f"{title}\n{body}", label])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT-format encoder (built here) converted by MoEfication and fine-tuned by `moe-serve train`."""
+    from service.training.train import Recipe, train
+    from tests.bert_fixture import write_tiny_bert
+
+    work = tmp_path_factory.mktemp("pretrained")
+    base = write_tiny_bert(work / "tiny-bert")
+    recipe = Recipe.model_validate(
+        {
+            "name": "tiny-bert-moe",
+            "base": {"model": str(base), "num_experts": 4, "top_k": 2, "max_length": 48, "dropout": 0.0},
+            "data": {"source": str(write_topic_csv(work / "topics.csv"))},
+            "training": {
+                "epochs": 3,
+                "batch_size": 16,
+                "lr": 0.003,
+                "head_lr": 0.01,
+                "ema_decay": None,
+                "short_text_prob": 0.3,
+                "train_max_length": 24,
+                "patience": 3,
+                "weights_dtype": "float16",
+                "validate_headlines": True,
+            },
+        }
+    )
+    out = work / "tiny-bert-moe"
+    train(recipe, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_models_dir(
+    tiny_model_dir: Path, tiny_bert_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Both tiny architectures (pre-norm from scratch; BERT post-norm converted by MoEfication), each exported to
+    ONNX fp32 and int8 by `moe-serve export`'s code."""
+    import shutil
+
+    from service.modeling.onnx_export import export_model
+
+    repo = tmp_path_factory.mktemp("onnx-repo")
+    for src in (tiny_model_dir, tiny_bert_moe_dir):
+        shutil.copytree(src, repo / src.name)
+        export_model(repo / src.name, int8=True)
+    return repo

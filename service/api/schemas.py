@@ -16,7 +16,11 @@ class ClassifyRequest(BaseModel):
     inputs: StrictStr | list[StrictStr] = Field(..., description="one text or a list of texts")
     top_k: StrictInt | None = Field(None, ge=1, description="return only the k best labels (default: all)")
     truncate: StrictBool = Field(True, description="cut texts longer than the model's maximum instead of a 422")
-    raw_scores: StrictBool = Field(False, description="return logits instead of softmax probabilities")
+    raw_scores: StrictBool = Field(
+        False,
+        description="return the temperature-scaled logits (logits / the model's temperature) instead of their softmax "
+        "probabilities",
+    )
     return_routing: StrictBool = Field(False, description="return the experts each token was routed to")
     timeout_ms: StrictInt | None = Field(None, ge=1, description="deadline for this request (capped by the server)")
 

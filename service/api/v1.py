@@ -104,11 +104,14 @@ def model_card(worker: ModelWorker) -> dict[str, Any]:
     if eval_file.is_file():
         rep = json.loads(eval_file.read_text())
         evaluation = {k: rep.get(k) for k in ("dataset", "split", "examples", "accuracy", "macro_f1", "roc_auc")}
+        evaluation["headline_macro_f1"] = (rep.get("headline") or {}).get("macro_f1")
+        evaluation["ece"] = (rep.get("calibration") or {}).get("ece")
     a = info.architecture
     return {
         "name": info.name,
         "labels": info.labels,
         "max_length": info.max_length,
+        "temperature": info.temperature,  # scores are softmax(logits / temperature)
         "architecture": {
             "experts": info.num_experts,
             "top_k": info.top_k,
@@ -116,20 +119,26 @@ def model_card(worker: ModelWorker) -> dict[str, Any]:
             "moe_layers": info.moe_layers,
             "d_model": a["d_model"],
             "d_ff": a["d_ff"],
+            "expert_d_ff": a.get("expert_d_ff") or a["d_ff"],
+            # weighted: a token's expert outputs are fused by its gates; sum: added (experts sliced from one FFN)
+            "combine": a.get("combine", "weighted"),
+            "norm": a.get("norm", "pre"),
             "n_heads": a["n_heads"],
             "attention": a["attention"],
             "moe_every": a["moe_every"],
             "vocab_size": a["vocab_size"],
         },
         "backend": worker.backend.kind,
+        "precision": worker.info.precision,
         "device": worker.backend.device,
+        "base": info.training.get("base"),  # the pretrained encoder it was converted from, if any
         "eval": evaluation,
         "status": "ready" if worker.ready else "loading",
         "queue_texts": worker.queued_texts,
     }
 
 
-@router.get("/models", summary="Models served, with labels, architecture, backend, device and eval metrics")
+@router.get("/models", summary="Models served: labels, temperature, architecture, backend, device, eval metrics")
 async def list_models(request: Request) -> JSON:
     engine = engine_of(request)
     return JSON({"default_model": engine.default_model, "models": [model_card(w) for w in engine.workers.values()]})

@@ -138,7 +138,7 @@ async def model_metadata(model: str, request: Request) -> JSON:
                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
             ],
-            "parameters": {"labels": w.info.labels, "max_length": w.info.max_length},
+            "parameters": {"labels": w.info.labels, "max_length": w.info.max_length, "temperature": w.info.temperature},
         }
     )
 

@@ -1,20 +1,67 @@
-"""Backends behind one interface (base.Backend). Imported lazily so the API layer never imports torch."""
+"""Backends behind one interface (base.Backend). Imported lazily so the API layer never imports torch, and the ONNX
+backend never does either.
+
+Which backend and precision run a model: the setting (MOE_BACKEND / MOE_PRECISION, or --backend / --precision),
+whose default `auto` takes the model folder's own choice, config.json "serving": {"backend", "precision"} (written
+by `moe-serve export --choose` from measurements), and torch fp32 when the folder has none.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from service.backends.base import Backend
+from service.modeling.layout import CONFIG_FILE, ONNX_FILE, ONNX_INT8_FILE
 
-BACKENDS = ("torch",)
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx")
+PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8")}
+GRAPHS = {("onnx", "fp32"): ONNX_FILE, ("onnx", "int8"): ONNX_INT8_FILE}
+
+
+def resolve(model_dir: str | Path, kind: str = "auto", precision: str = "auto") -> tuple[str, str]:
+    """(backend, precision) for this folder: explicit settings first, then the folder's "serving", then torch fp32."""
+    serving = {}
+    config = Path(model_dir) / CONFIG_FILE
+    if config.is_file():
+        serving = json.loads(config.read_text()).get("serving") or {}
+    graph = GRAPHS.get((serving.get("backend"), serving.get("precision")))
+    if graph and not (Path(model_dir) / graph).is_file():
+        # Graphs are build artefacts (`moe-serve export`; the Docker image makes them), not committed: without
+        # the chosen one, `auto` serves torch rather than failing.
+        log.warning("%s: serving choice %s needs %s (run `moe-serve export`); using torch", model_dir, serving, graph)
+        serving = {}
+    if kind == "auto":
+        kind = serving.get("backend", "torch")
+        if precision == "auto":
+            precision = serving.get("precision", "fp32")
+    if precision == "auto":
+        precision = serving.get("precision", "fp32") if serving.get("backend") == kind else "fp32"
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown backend {kind!r}; available: {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS[kind]:
+        raise ValueError(f"backend {kind} runs {' or '.join(PRECISIONS[kind])}, not {precision!r}")
+    return kind, precision
 
 
 def load_backend(
-    model_dir: str | Path, device: str = "auto", kind: str = "torch", threads: int | None = None
+    model_dir: str | Path,
+    device: str = "auto",
+    kind: str = "auto",
+    threads: int | None = None,
+    precision: str = "auto",
 ) -> Backend:
+    kind, precision = resolve(model_dir, kind, precision)
     if kind == "torch":
         from service.backends.torch_backend import TorchBackend, set_threads
 
         set_threads(threads)
-        return TorchBackend(str(model_dir), device)
-    raise ValueError(f"unknown backend {kind!r}; available: {', '.join(BACKENDS)}")
+        return TorchBackend(str(model_dir), device, precision)
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"the onnx backend runs on the CPU; device {device!r} needs --backend torch")
+    from service.backends.onnx_backend import OnnxBackend
+
+    return OnnxBackend(model_dir, precision, threads)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from service.modeling.folder import FolderConfig
 from service.modeling.tokenizer import TextTokenizer
 
 
@@ -24,6 +25,27 @@ class ModelInfo:
     moe_layers: int
     architecture: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0  # the engine divides every logit by it (config.json "temperature"; 1.0 = none)
+    precision: str = "fp32"  # what the backend computes in: fp32 | bf16 | int8
+
+
+def model_info(folder: FolderConfig, precision: str = "fp32") -> ModelInfo:
+    """What the engine and the API know of a model, from its checked config.json: the same for every backend."""
+    cfg = folder.config
+    return ModelInfo(
+        name=folder.path.name,
+        path=folder.path,
+        labels=folder.labels,
+        max_length=cfg.max_length,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        num_layers=cfg.n_layers,
+        moe_layers=sum(cfg.moe_layers()),
+        architecture=cfg.to_dict(),
+        training=folder.training,
+        temperature=folder.temperature,
+        precision=precision,
+    )
 
 
 @dataclass
@@ -34,7 +56,7 @@ class LayerRouting:
 
 @dataclass
 class BatchOutput:
-    logits: np.ndarray  # [B, num_labels] float32
+    logits: np.ndarray  # [B, num_labels] float32, the model's own: the engine applies info.temperature, not the backend
     expert_counts: np.ndarray  # [moe_layers, num_experts] (token, slot) assignments in this batch, for statistics
     routing: list[LayerRouting] | None = None  # per MoE layer; only when asked for
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.backends.base import Backend, BatchOutput, LayerRouting, ModelInfo
+from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
 from service.modeling.artifacts import load_model
 from service.modeling.classifier import pad_batch
+from service.modeling.folder import read_folder
+from service.modeling.layout import WEIGHTS_FILE
 
 
 def resolve_device(device: str) -> str:
@@ -18,29 +20,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class TorchBackend(Backend):
     kind = "torch"
 
-    def __init__(self, model_dir: str, device: str = "auto") -> None:
+    def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"the torch backend runs {', '.join(PRECISIONS)}, not {precision!r}")
         self.device = resolve_device(device)
         bundle = load_model(model_dir, self.device)
         self.bundle = bundle
-        self.model = bundle.model
+        # bf16 runs every weight and activation in bfloat16 (AVX512_BF16 / AMX on CPU, tensor cores on GPU); routing
+        # softmax and pooling sums stay fp32 inside the model.
+        self.model = bundle.model.to(PRECISIONS[precision])
         self.tokenizer = bundle.tokenizer
         self.pad_id = bundle.tokenizer.pad_id
-        cfg = bundle.config
-        self.info = ModelInfo(
-            name=bundle.name,
-            path=bundle.path,
-            labels=bundle.labels,
-            max_length=cfg.max_length,
-            num_experts=cfg.num_experts,
-            top_k=cfg.top_k,
-            num_layers=cfg.n_layers,
-            moe_layers=sum(cfg.moe_layers()),
-            architecture=cfg.to_dict(),
-            training=bundle.training,
-        )
+        self.info = model_info(read_folder(model_dir, WEIGHTS_FILE), precision)
 
     @torch.inference_mode()
     def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:

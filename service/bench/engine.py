@@ -40,13 +40,13 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 
 def text_flops(cfg: ModelConfig, n: int) -> float:
     """Useful FLOPs of one text of n tokens (multiply-add = 2 FLOPs); padding and unused experts excluded."""
-    d, ff = cfg.d_model, cfg.d_ff
+    d, ff, ff_expert = cfg.d_model, cfg.d_ff, cfg.expert_d_ff or cfg.d_ff
     total = 0.0
     for attn, moe in zip(cfg.attention_layers(), cfg.moe_layers(), strict=True):
         if attn:
             total += 2 * n * d * 4 * d + 2 * 2 * n * n * d  # q, k, v, out projections; scores and weighted sum
         if moe:
-            total += 2 * n * d * cfg.num_experts + cfg.top_k * 2 * 2 * n * d * ff  # router; k experts of 2 GEMMs
+            total += 2 * n * d * cfg.num_experts + cfg.top_k * 2 * 2 * n * d * ff_expert  # router; k experts
         else:
             total += 2 * 2 * n * d * ff
     return total + 2 * d * cfg.num_labels

@@ -16,6 +16,7 @@ import torch
 
 from service.bench import engine as eng
 from service.bench import served
+from service.bench.backends import SATURATED, measure_variants
 from service.modeling.artifacts import load_model
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
         row["peak_share"] = round(row["gflops"] / peak, 4)
     single = next(r for r in rows if r.mode == "per_request" and r.texts == "short")
     results["engine_single_short_ms"] = round(1000 / single.seq_per_s, 3)
+    log.info("backends")  # torch fp32 / bf16, and ONNX fp32 / int8 where `moe-serve export` has written them
+    results["backends"] = measure_variants(Path(model_dir), sets["mix"], None, cfg["repeats"])
 
     if not skip_served:
         results["served"] = []
@@ -194,6 +197,7 @@ def markdown(r: dict[str, Any]) -> str:
             + " | ".join(f"{s[k] / tot:.0%}" for k in ("routing", "permute", "experts", "combine"))
             + f" | {row['gflops']} | {row['expert_gflops']} | {row['peak_share']:.1%} |"
         )
+    lines += backends_markdown(r["backends"])
     if "served" in r:
         lines += [
             "",
@@ -215,3 +219,21 @@ def markdown(r: dict[str, Any]) -> str:
         ]
     lines += ["", f"Total bench time: {r['seconds']} s.", ""]
     return "\n".join(lines)
+
+
+def backends_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        f"## Backends (engine, the `mix` texts; batch 1 and batch {SATURATED}; p50/p99 per call)",
+        "",
+        f"| backend | precision | size MB | batch 1 texts/s | p50 ms | p99 ms | batch {SATURATED} texts/s | p50 ms "
+        "| p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in rows:
+        one, sat = b["batch_1"], b[f"batch_{SATURATED}"]
+        lines.append(
+            f"| {b['backend']} | {b['precision']} | {b['size_mb']} | {one['texts_per_s']} | {one['p50_ms']} "
+            f"| {one['p99_ms']} | {sat['texts_per_s']} | {sat['p50_ms']} | {sat['p99_ms']} |"
+        )
+    return lines

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TextResult:
-    logits: np.ndarray  # [num_labels]
+    logits: np.ndarray  # [num_labels], already divided by the model's temperature
     ids: list[int]  # the token ids the model read
     truncated: bool
     routing: list[LayerRouting] | None = None  # this text's tokens only
@@ -307,6 +307,7 @@ class ModelWorker:
         rate = n / max(infer_s, 1e-6)
         self._texts_per_s = rate if not self._texts_per_s else 0.8 * self._texts_per_s + 0.2 * rate
 
+        logits = self._scale(out.logits)
         offsets = np.cumsum([0] + [len(s) for s in seqs])
         seen: set[int] = set()
         for row, it in enumerate(batch):
@@ -317,13 +318,19 @@ class ModelWorker:
             if req.return_routing and out.routing is not None:
                 a, b = offsets[row], offsets[row + 1]
                 routing = [LayerRouting(r.expert_ids[a:b], r.gates[a:b]) for r in out.routing]
-            req.results[it.index] = TextResult(out.logits[row], it.ids, it.truncated, routing)
+            req.results[it.index] = TextResult(logits[row], it.ids, it.truncated, routing)
             req.remaining -= 1
             if id(req) not in seen:
                 seen.add(id(req))
                 req.inference_s += infer_s
             if req.remaining == 0:
                 req.loop.call_soon_threadsafe(_set_result, req.future, req.results)
+
+    def _scale(self, logits: np.ndarray) -> np.ndarray:
+        """Temperature scaling, once here for every backend: results carry logits / T, so softmax gives calibrated
+        probabilities and raw scores are the scaled logits."""
+        t = self.info.temperature
+        return logits if t == 1.0 else (logits / np.float32(t)).astype(logits.dtype, copy=False)
 
     def _fail(self, items: list[WorkItem], err: ServiceError) -> None:
         for it in items:

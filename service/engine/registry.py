@@ -43,13 +43,13 @@ class Engine:
     def load(self) -> None:
         s = self.settings
         for path in discover_models(s.models_dir, s.models):
-            backend = load_backend(path, s.device, threads=s.threads)
+            backend = load_backend(path, s.device, s.backend, s.threads, s.precision)
             profile_file = path / ROUTING_PROFILE_FILE
             profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
             worker = ModelWorker(backend, s, self.metrics, self.tokenize_pool, profile)
             worker.start()
             self.workers[worker.name] = worker
-            self.metrics.model_info.labels(worker.name, backend.kind, backend.device).set(1)
+            self.metrics.model_info.labels(worker.name, backend.kind, backend.device, backend.info.precision).set(1)
             log.info("model %s ready on %s (%s backend)", worker.name, backend.device, backend.kind)
         if s.default_model and s.default_model not in self.workers:
             raise FileNotFoundError(f"default model {s.default_model!r} is not among {', '.join(self.workers)}")

@@ -14,12 +14,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from service.modeling.classifier import ModelConfig, MoEClassifier
-from service.modeling.layout import CONFIG_FILE, MODEL_TYPE, TOKENIZER_FILE, WEIGHTS_FILE
+from service.modeling.folder import (  # noqa: F401 (re-exported: callers load and write folders through here)
+    ModelFolderError,
+    read_folder,
+    valid_temperature,
+    write_config,
+    write_temperature,
+)
+from service.modeling.layout import MODEL_TYPE, TOKENIZER_FILE, WEIGHTS_FILE
 from service.modeling.tokenizer import TextTokenizer
 
-
-class ModelFolderError(ValueError):
-    """A model folder is missing a file or holds an inconsistent one."""
+# How weights may be stored on disk; computation is fp32 whatever the file holds.
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -31,6 +37,7 @@ class ModelBundle:
     config: ModelConfig
     id2label: dict[int, str]
     training: dict[str, Any] = field(default_factory=dict)  # dataset, split, recipe name: lets evaluate find data
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature); the model's logits never change
 
     @property
     def labels(self) -> list[str]:
@@ -47,7 +54,15 @@ def save_model(
     tokenizer: TextTokenizer,
     labels: list[str],
     training: dict[str, Any] | None = None,
+    temperature: float = 1.0,
+    weights_dtype: str = "float32",
 ) -> Path:
+    """Write the folder. weights_dtype float16/bfloat16 halves the file; loading always computes in fp32 (the
+    trainer checks the rounded weights' answers against fp32 before it chooses to store them so)."""
+    if weights_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {weights_dtype!r}")
+    if not valid_temperature(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -58,9 +73,15 @@ def save_model(
         "label2id": {lab: i for i, lab in enumerate(labels)},
         "max_length": cfg.max_length,
         "training": training or {},
+        "temperature": float(temperature),
+        "weights_dtype": weights_dtype,
     }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_config(out, config)
+    dtype = STORAGE_DTYPES[weights_dtype]
+    state = {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "model_type": MODEL_TYPE})
     (out / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it owner-only; a server running as another user reads it
     tokenizer.save(out / TOKENIZER_FILE)
@@ -68,19 +89,8 @@ def save_model(
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
-    path = Path(model_dir)
-    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
-        if not (path / name).is_file():
-            raise ModelFolderError(f"{path}: missing {name}")
-    raw = json.loads((path / CONFIG_FILE).read_text())
-    if raw.get("model_type") != MODEL_TYPE:
-        raise ModelFolderError(
-            f"{path}/{CONFIG_FILE}: model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r}"
-        )
-    cfg = ModelConfig.from_dict(raw["architecture"])
-    id2label = {int(k): v for k, v in raw["id2label"].items()}
-    if sorted(id2label) != list(range(cfg.num_labels)):
-        raise ModelFolderError(f"{path}: id2label must cover 0..{cfg.num_labels - 1}")
+    folder = read_folder(model_dir, WEIGHTS_FILE)
+    path, cfg = folder.path, folder.config
     tokenizer = TextTokenizer.from_file(path / TOKENIZER_FILE)
     model = MoEClassifier(cfg)
     state = load_file(str(path / WEIGHTS_FILE), device="cpu")
@@ -90,4 +100,4 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Mod
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ModelFolderError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model only {cfg.vocab_size}")
     model.to(device).eval()
-    return ModelBundle(path.name, path, model, tokenizer, cfg, id2label, raw.get("training", {}))
+    return ModelBundle(path.name, path, model, tokenizer, cfg, folder.id2label, folder.training, folder.temperature)

@@ -3,16 +3,21 @@
 Hidden states are kept *packed* ([T, d], padding removed) between layers. Only self-attention needs the padded
 [B, L, d] view (with a key-padding mask); everything else (MoE layers, norms, pooling) runs on real tokens only,
 so a batch of short and long texts spends no expert FLOPs on padding.
+
+One class covers two families through ModelConfig: the from-scratch pre-norm encoder (the defaults), and the BERT
+block (post-LayerNorm, embedding LayerNorm, token-type embedding, every block attending) that pretrained encoders
+are converted from (service/modeling/bert.py, service/modeling/convert.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.modeling.config import ModelConfig
 from service.modeling.moe import (
     MoEFeedForward,
     RouterOutput,
@@ -20,43 +25,6 @@ from service.modeling.moe import (
     load_balancing_loss,
     router_z_loss,
 )
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    num_labels: int
-    max_length: int = 256
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: int = 256
-    num_experts: int = 8
-    top_k: int = 2
-    moe_every: int = 1  # 1: every block is MoE; 2: every other block (the others get a dense FFN)
-    attention: bool | list[bool] = True  # per block, or one value for all
-    activation: str = "gelu"
-    dropout: float = 0.1
-    pad_token_id: int = 0
-
-    def attention_layers(self) -> list[bool]:
-        if isinstance(self.attention, bool):
-            return [self.attention] * self.n_layers
-        if len(self.attention) != self.n_layers:
-            raise ValueError(f"attention has {len(self.attention)} entries for {self.n_layers} layers")
-        return list(self.attention)
-
-    def moe_layers(self) -> list[bool]:
-        # With moe_every=2 the *last* block of each pair is MoE (blocks 1, 3, ...), as in GShard/Switch.
-        return [(i + 1) % self.moe_every == 0 for i in range(self.n_layers)]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -125,17 +93,20 @@ class DenseFeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. Input and output are packed tokens [T, d]."""
+    """Transformer block, pre-norm (from scratch) or post-norm (BERT). Input and output are packed tokens [T, d]."""
 
     def __init__(self, cfg: ModelConfig, attention: bool, moe: bool) -> None:
         super().__init__()
         self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout) if attention else None
-        self.norm1 = nn.LayerNorm(cfg.d_model) if attention else None
-        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if attention else None
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.post_norm = cfg.norm == "post"
         self.is_moe = moe
         self.ffn: nn.Module
         if moe:
-            self.ffn = MoEFeedForward(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.activation)
+            self.ffn = MoEFeedForward(
+                cfg.d_model, cfg.expert_d_ff or cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.activation, cfg.combine
+            )
         else:
             self.ffn = DenseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
@@ -144,14 +115,21 @@ class Block(nn.Module):
         self, h: torch.Tensor, packed: PackedBatch, key_mask: torch.Tensor, per_sequence: bool = False
     ) -> tuple[torch.Tensor, RouterOutput | None]:
         if self.attn is not None:
-            a = self.attn(packed.unpack(self.norm1(h)), key_mask)
-            h = h + self.drop(packed.pack(a))
+            assert self.norm1 is not None
+            x = h if self.post_norm else self.norm1(h)
+            h = h + self.drop(packed.pack(self.attn(packed.unpack(x), key_mask)))
+            if self.post_norm:
+                h = self.norm1(h)
+        x = h if self.post_norm else self.norm2(h)
+        r = None
         if self.is_moe and per_sequence:
-            return h + self._moe_per_sequence(self.norm2(h), packed), None
-        if self.is_moe:
-            y, r = self.ffn(self.norm2(h))
-            return h + self.drop(y), r
-        return h + self.drop(self.ffn(self.norm2(h))), None
+            y = self._moe_per_sequence(x, packed)
+        elif self.is_moe:
+            y, r = self.ffn(x)
+        else:
+            y = self.ffn(x)
+        h = h + self.drop(y)
+        return (self.norm2(h) if self.post_norm else h), r
 
     def _moe_per_sequence(self, x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
         """Baseline for benchmarks only: the padded [B, L] layout with the experts run once per sequence, as a
@@ -167,18 +145,49 @@ class MoEClassifier(nn.Module):
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_length, cfg.d_model)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.emb_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.embedding_norm else None
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             Block(cfg, a, m) for a, m in zip(cfg.attention_layers(), cfg.moe_layers(), strict=True)
         )
-        self.norm = nn.LayerNorm(cfg.d_model)
+        # Pre-norm leaves the residual stream unnormalised, so it ends with a LayerNorm; post-norm already has one.
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm == "pre" else None
         self.head = nn.Linear(cfg.d_model, cfg.num_labels)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
+    def embed(self, ids: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+        """Packed token ids [T] -> packed embeddings [T, d]; only real tokens are looked up."""
+        positions = packed.flat_index.remainder(packed.seq_len)
+        h = self.tok_emb(ids) + self.pos_emb(positions)
+        if self.type_emb is not None:
+            h = h + self.type_emb.weight[0]  # one text per sequence: token type 0 throughout
+        if self.emb_norm is not None:
+            h = self.emb_norm(h)
+        return self.emb_drop(h)
+
     @property
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_sequence_experts: bool = False
+    ) -> tuple[torch.Tensor, PackedBatch, list[RouterOutput]]:
+        """The encoder alone: packed last hidden states [T, d], the packing, and routing per MoE layer."""
+        if input_ids.shape[1] > self.config.max_length:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_length {self.config.max_length}")
+        packed = PackedBatch.from_mask(attention_mask)
+        key_mask = attention_mask.bool()
+        h = self.embed(input_ids.reshape(-1).index_select(0, packed.flat_index), packed)
+        routing: list[RouterOutput] = []
+        for block in self.blocks:
+            h, r = block(h, packed, key_mask, per_sequence_experts)
+            if r is not None:
+                routing.append(r)
+        if self.norm is not None:
+            h = self.norm(h)
+        return h, packed, routing
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_sequence_experts: bool = False
@@ -187,27 +196,19 @@ class MoEClassifier(nn.Module):
 
         per_sequence_experts switches the MoE layers to the padded, one-sequence-at-a-time baseline (benchmarks);
         no routing is reported then."""
-        if input_ids.shape[1] > self.config.max_length:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_length {self.config.max_length}")
-        packed = PackedBatch.from_mask(attention_mask)
-        key_mask = attention_mask.bool()
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        h = packed.pack(self.tok_emb(input_ids) + self.pos_emb(positions))
-        h = self.emb_drop(h)
-        routing: list[RouterOutput] = []
-        for block in self.blocks:
-            h, r = block(h, packed, key_mask, per_sequence_experts)
-            if r is not None:
-                routing.append(r)
-        h = self.norm(h)
-        # Masked mean pooling as a segment sum over packed tokens.
-        pooled = h.new_zeros(packed.batch, h.shape[-1]).index_add_(0, packed.seq_ids, h)
-        pooled = pooled / packed.lengths.clamp(min=1).to(h.dtype)[:, None]
-        logits = self.head(pooled)
+        h, packed, routing = self.encode(input_ids, attention_mask, per_sequence_experts)
+        logits = self.head(self.pool(h, packed))
         zero = logits.new_zeros(())
         aux = sum((load_balancing_loss(r, self.config.num_experts) for r in routing), zero)
         z = sum((router_z_loss(r) for r in routing), zero)
         return ClassifierOutput(logits=logits, aux_loss=aux, z_loss=z, routing=routing, packed=packed)
+
+    @staticmethod
+    def pool(h: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+        """Masked mean pooling as a segment sum over packed tokens: [T, d] -> [B, d]."""
+        # Summed in fp32 whatever the compute dtype: a bf16 running sum over hundreds of tokens loses digits.
+        pooled = h.new_zeros(packed.batch, h.shape[-1], dtype=torch.float32).index_add(0, packed.seq_ids, h.float())
+        return (pooled / packed.lengths.clamp(min=1)[:, None]).to(h.dtype)
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

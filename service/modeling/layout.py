@@ -6,3 +6,5 @@ TOKENIZER_FILE = "tokenizer.json"
 EVAL_FILE = "eval.json"
 ROUTING_PROFILE_FILE = "routing_profile.json"
 MODEL_TYPE = "moe-text-classifier"
+ONNX_FILE = "model.onnx"  # written by `moe-serve export`
+ONNX_INT8_FILE = "model.int8.onnx"  # written by `moe-serve export --quantize int8`

@@ -62,26 +62,55 @@ def router_z_loss(router: RouterOutput) -> torch.Tensor:
     return torch.logsumexp(router.logits, dim=-1).pow(2).mean()
 
 
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf) GELU, as BERT's "gelu"
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # BERT-family "gelu_new" / "gelu_pytorch_tanh"
+    "relu": F.relu,
+    "silu": F.silu,
+}
+COMBINES = ("weighted", "sum")
+
+
 def activation_fn(name: str):
-    if name == "gelu":
-        return F.gelu
-    if name == "relu":
-        return F.relu
-    if name == "silu":
-        return F.silu
-    raise ValueError(f"unknown activation {name!r} (use gelu, relu or silu)")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r} (use {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def combine_weights(r: RouterOutput, combine: str) -> torch.Tensor:
+    """[T, k] weights that fuse a token's k expert outputs.
+
+    weighted: the renormalised gates (Switch/GShard/Mixtral); sum: each chosen expert counts once, as in MoEfication,
+    where experts are slices of one dense FFN whose outputs add up. In "sum" the weight's value is exactly 1, but its
+    gradient is that of the chosen expert's router probability (straight-through), so the task loss still trains
+    the router.
+    """
+    if combine == "weighted":
+        return r.gates
+    chosen = r.probs.gather(1, r.expert_ids)
+    return 1.0 + (chosen - chosen.detach())
 
 
 class MoEFeedForward(nn.Module):
     """E expert MLPs (d -> d_ff -> d) and a linear router; top-k token-choice routing, dropless."""
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, activation: str = "gelu") -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int,
+        activation: str = "gelu",
+        combine: str = "weighted",
+    ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if combine not in COMBINES:
+            raise ValueError(f"unknown combine {combine!r} (use {', '.join(COMBINES)})")
         self.d_model, self.d_ff = d_model, d_ff
         self.num_experts, self.top_k = num_experts, top_k
-        self.activation = activation
+        self.activation, self.combine = activation, combine
         self._act = activation_fn(activation)
         self.router = nn.Linear(d_model, num_experts, bias=False)
         # Expert weights stored stacked, [E, in, out], so one expert's GEMM is x @ w1[e].
@@ -104,7 +133,26 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         """x: packed tokens [T, d]. Returns (output [T, d], routing)."""
         r = self.route(x)
+        if self.graph_dispatch:
+            return self.graph_forward(x, r), r
         return self.grouped_forward(x, r), r
+
+    # Set once on a model about to be exported to a graph (service/modeling/onnx_export.py), never per call.
+    graph_dispatch: bool = False
+
+    def graph_forward(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        """The grouped dispatch written with graph ops only, for export: a static loop over the E experts, each
+        finding its (token, slot) pairs with nonzero and adding its weighted output back with index_add. No
+        host-side sizes (.tolist()), so a traced graph routes every input afresh instead of freezing the example's
+        routing; an expert with no tokens computes on zero rows. Same maths as grouped_forward; the k terms of a
+        token are summed in expert order rather than slot order (float rounding only)."""
+        weights = combine_weights(r, self.combine).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            tokens, slots = (r.expert_ids == e).nonzero(as_tuple=True)
+            y = self.expert_mlp(e, x.index_select(0, tokens)) * weights[tokens, slots].unsqueeze(1)
+            out = out.index_add(0, tokens, y)
+        return out
 
     def expert_mlp(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         h = self._act(torch.addmm(self.b1[e], rows, self.w1[e]))
@@ -147,7 +195,7 @@ class MoEFeedForward(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         y = y_sorted.index_select(0, inverse).view(t, k, -1)
-        out = torch.einsum("tkd,tk->td", y, r.gates.to(y.dtype))
+        out = torch.einsum("tkd,tk->td", y, combine_weights(r, self.combine).to(y.dtype))
         if timings is not None and clock is not None:
             t3 = clock()
             for name, dt in (("permute", t1 - t0), ("experts", t2 - t1), ("combine", t3 - t2)):
@@ -159,7 +207,7 @@ class MoEFeedForward(nn.Module):
         if r is None:
             r = self.route(x)
         dense_gates = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
-        dense_gates.scatter_(1, r.expert_ids, r.gates.to(x.dtype))
+        dense_gates = dense_gates.scatter(1, r.expert_ids, combine_weights(r, self.combine).to(x.dtype))
         h = self._act(torch.einsum("td,edf->etf", x, self.w1) + self.b1[:, None, :])
         out = torch.einsum("etf,efd->etd", h, self.w2) + self.b2[:, None, :]
         return torch.einsum("etd,te->td", out, dense_gates)

@@ -22,7 +22,12 @@ class Encoded:
 
 
 class TextTokenizer:
-    """Encodes texts to token id lists without padding; the model side packs them."""
+    """Encodes texts to token id lists without padding; the model side packs them.
+
+    Special tokens that the tokenizer's post-processor adds around a text (BERT's [CLS] ... [SEP]) are kept when a
+    text is truncated: the text's own tokens are cut, as HF tokenizers do, so a pretrained encoder always sees the
+    frame it was trained with.
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -33,6 +38,16 @@ class TextTokenizer:
         unk = tokenizer.token_to_id(UNK)
         # An empty-after-normalisation text still needs one token, or the text would have nothing to pool.
         self.fallback_id = self.pad_id if unk is None else unk
+        self.prefix, self.suffix = self._special_frame()
+
+    def _special_frame(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after a single text ([CLS] / [SEP] for BERT; none here)."""
+        framed = self.tokenizer.encode("a", add_special_tokens=True).ids
+        bare = self.tokenizer.encode("a", add_special_tokens=False).ids
+        for i in range(len(framed) - len(bare) + 1):
+            if framed[i : i + len(bare)] == bare:
+                return framed[:i], framed[i + len(bare) :]
+        return [], []
 
     @classmethod
     def from_file(cls, path: str | Path) -> TextTokenizer:
@@ -63,10 +78,20 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    def encode_inner(self, texts: list[str]) -> list[list[int]]:
+        """The texts' own token ids, without special tokens or truncation (Rust, releases the GIL)."""
+        return [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def frame(self, inner: list[int], max_length: int) -> list[int]:
+        """Special tokens around a text's own ids, cut so the whole fits in max_length; never empty."""
+        room = max(max_length - len(self.prefix) - len(self.suffix), 0)
+        ids = self.prefix + inner[:room] + self.suffix
+        return ids or [self.fallback_id]
+
     def encode_batch(self, texts: list[str], max_length: int) -> list[Encoded]:
-        """Batch encode (Rust, releases the GIL); ids are cut to max_length, the original length is kept."""
-        out = []
-        for enc in self.tokenizer.encode_batch(texts, add_special_tokens=True):
-            ids = enc.ids or [self.fallback_id]
-            out.append(Encoded(ids=ids[:max_length], original_length=len(ids)))
-        return out
+        """Batch encode; ids are cut to max_length (special tokens kept), the original length is kept."""
+        specials = len(self.prefix) + len(self.suffix)
+        return [
+            Encoded(ids=self.frame(inner, max_length), original_length=max(len(inner) + specials, 1))
+            for inner in self.encode_inner(texts)
+        ]

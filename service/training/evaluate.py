@@ -1,4 +1,5 @@
-"""Offline evaluation: classification metrics, expert utilisation and expert-by-class routing for a model folder."""
+"""Offline evaluation of a model folder: classification metrics (whole texts and their first lines), calibration,
+expert utilisation and expert-by-class routing."""
 
 from __future__ import annotations
 
@@ -11,28 +12,39 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.backends.base import Backend
 from service.modeling.artifacts import ModelBundle
 from service.modeling.classifier import MoEClassifier, pad_batch
 from service.modeling.layout import ROUTING_PROFILE_FILE
-from service.modeling.tokenizer import TextTokenizer
+from service.modeling.tokenizer import Encoded, TextTokenizer
+from service.training.calibration import (
+    ECE_BINS,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+    softmax,
+)
 from service.training.data import DataError, Example, cap_examples, load_dataset
 
 
 @dataclass
 class Predictions:
-    probs: np.ndarray  # [N, C]
+    logits: np.ndarray  # [N, C] float32, the model's own
+    probs: np.ndarray  # [N, C] softmax(logits / temperature)
     # Per MoE layer: [N, E] count of (token, slot) assignments of each text to each expert.
     expert_counts: list[np.ndarray]
     num_tokens: np.ndarray  # [N]
 
 
 @torch.inference_mode()
-def predict_ids(model: MoEClassifier, sequences: list[list[int]], batch_size: int = 64, pad_id: int = 0) -> Predictions:
+def predict_ids(
+    model: MoEClassifier, sequences: list[list[int]], batch_size: int = 64, pad_id: int = 0, temperature: float = 1.0
+) -> Predictions:
     """Batched forward over token id lists, shortest first to keep padding small; results in input order."""
     model.eval()
     n, e = len(sequences), model.config.num_experts
     n_layers = len(model.moe_layers)
-    probs = np.zeros((n, model.config.num_labels), dtype=np.float32)
+    logits = np.zeros((n, model.config.num_labels), dtype=np.float32)
     counts = [np.zeros((n, e), dtype=np.int64) for _ in range(n_layers)]
     order = sorted(range(n), key=lambda i: len(sequences[i]))
     device = next(model.parameters()).device
@@ -40,13 +52,14 @@ def predict_ids(model: MoEClassifier, sequences: list[list[int]], batch_size: in
         idx = order[start : start + batch_size]
         ids, mask = pad_batch([sequences[i] for i in idx], pad_id)
         out = model(ids.to(device), mask.to(device))
-        probs[idx] = out.logits.float().softmax(-1).cpu().numpy()
+        logits[idx] = out.logits.float().cpu().numpy()
         seq = out.packed.seq_ids.cpu()
         for layer, r in enumerate(out.routing):
             k = r.expert_ids.shape[1]
             flat = seq.repeat_interleave(k) * e + r.expert_ids.reshape(-1).cpu()
             counts[layer][idx] = torch.bincount(flat, minlength=len(idx) * e).view(len(idx), e).numpy()
-    return Predictions(probs, counts, np.array([len(s) for s in sequences]))
+    probs = softmax(logits, temperature).astype(np.float32)
+    return Predictions(logits, probs, counts, np.array([len(s) for s in sequences]))
 
 
 def encode_examples(tokenizer: TextTokenizer, examples: list[Example], max_length: int) -> list[list[int]]:
@@ -136,17 +149,116 @@ def expert_by_class(preds: Predictions, y: np.ndarray, labels: list[str]) -> lis
     return out
 
 
-def evaluate_examples(
-    bundle: ModelBundle, examples: list[Example], split: str, dataset: str
-) -> tuple[dict[str, Any], Predictions, np.ndarray]:
+def label_ids(bundle: ModelBundle, examples: list[Example]) -> np.ndarray:
     label2id = {lab: i for i, lab in bundle.id2label.items()}
     unknown = sorted({e.label for e in examples} - set(label2id))
     if unknown:
         raise DataError(f"labels not known to model {bundle.name}: {', '.join(unknown)}")
-    y = np.array([label2id[e.label] for e in examples])
-    encoded = bundle.tokenizer.encode_batch([e.text for e in examples], bundle.config.max_length)
+    return np.array([label2id[e.label] for e in examples], dtype=np.int64)
+
+
+def predict_texts(
+    bundle: ModelBundle, texts: list[str], backend: Backend | None = None
+) -> tuple[Predictions, list[Encoded]]:
+    """The bundle's model (or `backend`, another way to run the same folder) on raw texts; probabilities carry the
+    bundle's temperature, as served."""
+    encoded = bundle.tokenizer.encode_batch(texts, bundle.config.max_length)
     seqs = [enc.ids for enc in encoded]
-    preds = predict_ids(bundle.model, seqs, pad_id=bundle.tokenizer.pad_id)
+    if backend is not None:
+        return predict_backend(backend, seqs, temperature=bundle.temperature)[0], encoded
+    return predict_ids(bundle.model, seqs, pad_id=bundle.tokenizer.pad_id, temperature=bundle.temperature), encoded
+
+
+def predict_backend(
+    backend: Backend, sequences: list[list[int]], batch_size: int = 64, temperature: float = 1.0
+) -> tuple[Predictions, list[list[np.ndarray]]]:
+    """Any backend, batched shortest first; also each MoE layer's expert ids per text ([tokens, k] arrays, input
+    order), so two backends' routing can be compared token by token."""
+    n, e = len(sequences), backend.info.num_experts
+    logits = np.zeros((n, len(backend.info.labels)), dtype=np.float32)
+    counts = [np.zeros((n, e), dtype=np.int64) for _ in range(backend.info.moe_layers)]
+    experts: list[list[np.ndarray]] = [[np.empty(0)] * n for _ in range(backend.info.moe_layers)]
+    order = sorted(range(n), key=lambda i: len(sequences[i]))
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        out = backend.forward([sequences[i] for i in idx], return_routing=True)
+        logits[idx] = out.logits
+        offsets = np.cumsum([0] + [len(sequences[i]) for i in idx])
+        for layer, r in enumerate(out.routing or []):
+            for row, i in enumerate(idx):
+                ids = r.expert_ids[offsets[row] : offsets[row + 1]]
+                experts[layer][i] = ids
+                counts[layer][i] = np.bincount(ids.reshape(-1), minlength=e)
+    probs = softmax(logits, temperature).astype(np.float32)
+    return Predictions(logits, probs, counts, np.array([len(s) for s in sequences])), experts
+
+
+def parity(
+    ref: Predictions, ref_experts: list[list[np.ndarray]], got: Predictions, got_experts: list[list[np.ndarray]]
+) -> dict[str, Any]:
+    """How far another backend or precision is from the reference on the same texts: largest probability
+    difference, share of identical predictions, share of tokens (over all MoE layers) routed to the same top-k set."""
+    same = total = 0
+    for ref_layer, got_layer in zip(ref_experts, got_experts, strict=True):
+        for a, b in zip(ref_layer, got_layer, strict=True):
+            same += int((np.sort(a, axis=1) == np.sort(b, axis=1)).all(axis=1).sum())
+            total += len(a)
+    return {
+        "reference": "torch fp32",
+        "max_abs_diff": float(np.abs(ref.probs - got.probs).max()),
+        "argmax_agreement": round(float(np.mean(ref.probs.argmax(1) == got.probs.argmax(1))), 6),
+        "routing_agreement": round(same / max(total, 1), 6),
+        "texts": len(ref.probs),
+    }
+
+
+def calibrate(bundle: ModelBundle, examples: list[Example]) -> float:
+    """Temperature fitted on `examples` (the validation split; never the test split, which reports the result)."""
+    preds, _ = predict_texts(bundle, [e.text for e in examples])
+    return fit_temperature(preds.logits, label_ids(bundle, examples))
+
+
+def calibration_section(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, Any]:
+    return {
+        "temperature": temperature,
+        "ece_before": round(expected_calibration_error(softmax(logits), y, ECE_BINS), 4),
+        "ece": round(expected_calibration_error(softmax(logits, temperature), y, ECE_BINS), 4),
+        "bins": ECE_BINS,
+    }
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def headline(text: str) -> str:
+    """The first line of a text (a bbc-news article's title); the first non-empty one if the text opens blank."""
+    lines = _lines(text)
+    return lines[0] if lines else text.strip()
+
+
+def headline_section(
+    bundle: ModelBundle, examples: list[Example], y: np.ndarray, backend: Backend | None = None
+) -> dict[str, Any] | None:
+    """The same metrics on each text's first line: how the model does on the short texts a service mostly gets.
+
+    None when no text has a second non-empty line (headline and text would be the same thing)."""
+    if not any(len(_lines(e.text)) > 1 for e in examples):
+        return None
+    preds, _ = predict_texts(bundle, [headline(e.text) for e in examples], backend)
+    report = classification_report(preds.probs, y, bundle.labels)
+    del report["labels"]  # already at the top of the report
+    # A temperature fitted on whole texts need not suit their first lines: report how calibrated those are too.
+    report["calibration"] = calibration_section(preds.logits, y, bundle.temperature)
+    return {"examples": len(examples), "mean_tokens": round(float(preds.num_tokens.mean()), 2), **report}
+
+
+def evaluate_examples(
+    bundle: ModelBundle, examples: list[Example], split: str, dataset: str, backend: Backend | None = None
+) -> tuple[dict[str, Any], Predictions, np.ndarray]:
+    """The report of the bundle's model, or of `backend` (another backend or precision for the same folder)."""
+    y = label_ids(bundle, examples)
+    preds, encoded = predict_texts(bundle, [e.text for e in examples], backend)
     report = classification_report(preds.probs, y, bundle.labels)
     profile = routing_profile(preds, split, dataset)
     report.update(
@@ -156,22 +268,25 @@ def evaluate_examples(
             "split": split,
             "examples": len(examples),
             "truncated_share": round(float(np.mean([enc.truncated for enc in encoded])), 4),
+            "calibration": calibration_section(preds.logits, y, bundle.temperature),
             "expert_utilisation": profile["layers"],
             "expert_by_class": expert_by_class(preds, y, bundle.labels),
         }
     )
+    head = headline_section(bundle, examples, y, backend)
+    if head is not None:
+        report["headline"] = head
     return report, preds, y
 
 
-def evaluate_model(
+def model_examples(
     bundle: ModelBundle,
     data: str | None,
     split: str,
-    output_dir: str | Path | None,
     text_column: str | None = None,
     label_column: str | None = None,
-) -> dict[str, Any]:
-    """Evaluate on `data` (default: the dataset the model was trained on, with its recorded split settings)."""
+) -> tuple[list[Example], str]:
+    """A split of `data` (default: the dataset the model was trained on, with its recorded split settings)."""
     t = bundle.training
     source = data or t.get("dataset")
     if not source:
@@ -186,7 +301,30 @@ def evaluate_model(
     examples = ds[split]
     if not data:  # the model's own dataset: the same capped subset it was trained and tested on
         examples = cap_examples(examples, t.get("max_examples_per_split"), t.get("split_seed", 13))
-    report, preds, y = evaluate_examples(bundle, examples, split, ds.name)
+    return examples, ds.name
+
+
+def evaluate_model(
+    bundle: ModelBundle,
+    data: str | None,
+    split: str,
+    output_dir: str | Path | None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    backend: Backend | None = None,
+) -> dict[str, Any]:
+    """Evaluate on `data` (default: the dataset the model was trained on, with its recorded split settings).
+
+    With `backend` (e.g. ONNX int8), the report is that backend's, plus `parity` against torch fp32."""
+    examples, dataset = model_examples(bundle, data, split, text_column, label_column)
+    report, preds, y = evaluate_examples(bundle, examples, split, dataset, backend)
+    if backend is not None:
+        from service.backends.torch_backend import TorchBackend
+
+        seqs = encode_examples(bundle.tokenizer, examples, bundle.config.max_length)
+        got = predict_backend(backend, seqs, temperature=bundle.temperature)
+        ref = predict_backend(TorchBackend(str(bundle.path), "cpu"), seqs, temperature=bundle.temperature)
+        report = {"backend": backend.kind, "precision": backend.info.precision, **report, "parity": parity(*ref, *got)}
     if output_dir is not None:
         write_report(report, preds, y, bundle.labels, Path(output_dir))
     return report
@@ -202,6 +340,8 @@ def write_report(
     plots.confusion_matrix(np.array(report["confusion_matrix"]), labels, out / "confusion_matrix.png")
     plots.roc_curves(preds.probs, y, labels, out / "roc_curves.png")
     plots.expert_by_class(report["expert_by_class"], labels, out / "expert_by_class.png")
+    before, after = reliability_bins(softmax(preds.logits), y), reliability_bins(preds.probs, y)
+    plots.reliability_diagram(before, after, report["calibration"]["temperature"], out / "reliability_diagram.png")
 
 
 def write_routing_profile(profile: dict[str, Any], model_dir: Path) -> None:

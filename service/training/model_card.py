@@ -6,10 +6,64 @@ from pathlib import Path
 from typing import Any
 
 
+def _encoder_lines(m: Any, meta: dict[str, Any]) -> str:
+    experts = (
+        f"MoE feed-forward every {m.moe_every} block(s): {m.num_experts} experts of width {m.expert_d_ff or m.d_ff}, "
+        f"top-{m.top_k} token-choice routing ({m.activation}, outputs {m.combine})"
+    )
+    if meta.get("base"):
+        return (
+            f"- Encoder: pretrained `{meta['base']}` (licence: {meta.get('base_license') or 'see the base model'}; "
+            f"BERT: {m.n_layers} blocks, d_model {m.d_model}, {m.n_heads} "
+            f"heads, FFN {m.d_ff}), converted by {meta['conversion']}: {experts}; masked mean pooling; linear head.\n"
+            f"- Tokenizer: the base model's own (WordPiece with [CLS]/[SEP]), vocabulary {m.vocab_size}."
+        )
+    return (
+        f"- Encoder: {m.n_layers} blocks, d_model {m.d_model}, {m.n_heads} attention heads, attention per block:\n"
+        f"  {m.attention}; {experts}; masked mean pooling; linear head.\n"
+        f"- Tokenizer: WordPiece (HF `tokenizers`), lower-cased, trained on the training split, vocabulary "
+        f"{m.vocab_size}."
+    )
+
+
+def _validated_on(recipe: Any) -> str:
+    return " (articles and their first lines)" if getattr(recipe.training, "validate_headlines", False) else ""
+
+
+def _storage(meta: dict[str, Any]) -> str:
+    storage = meta.get("storage") or {}
+    moved = storage.get("rounding_vs_unrounded")
+    if not moved:
+        return ""
+    return (
+        f"- Weights stored as {storage['weights_dtype']}, rounded before every validation: the file holds exactly "
+        f"the model chosen, calibrated and evaluated here. Rounding moved probabilities by at most "
+        f"{moved['max_abs_prob_diff']} and no prediction ({moved['texts']} validation and test texts) against the "
+        "unrounded weights.\n"
+    )
+
+
+def _short_and_calibration(report: dict[str, Any]) -> str:
+    lines = []
+    h = report.get("headline")
+    if h:
+        lines.append(
+            f"Headlines only (each text's first line, {h['mean_tokens']} tokens on average): accuracy "
+            f"{h['accuracy']:.4f}, macro-F1 {h['macro_f1']:.4f}."
+        )
+    c = report.get("calibration")
+    if c:
+        lines.append(
+            f"Calibration: temperature {c['temperature']} fitted on the validation split (`temperature` in "
+            f"config.json; served scores are softmax(logits / T)); test ECE ({c['bins']} bins) {c['ece_before']} at "
+            f"T = 1, {c['ece']} at T. See `reliability_diagram.png`."
+        )
+    return "\n\n".join(lines) + "\n" if lines else ""
+
+
 def write_model_card(
-    out: Path, recipe: Any, report: dict[str, Any], meta: dict[str, Any], history: list[dict[str, Any]]
+    out: Path, recipe: Any, m: Any, report: dict[str, Any], meta: dict[str, Any], history: list[dict[str, Any]]
 ) -> None:
-    m = recipe.model
     sizes = meta["split_sizes"]
     rows = "\n".join(
         f"| {lab} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v.get('roc_auc', float('nan')):.4f} "
@@ -26,18 +80,16 @@ def write_model_card(
 Mixture-of-Experts text classifier trained by moe-serve (`moe-serve train`, recipe `{meta["recipe"]}`).
 
 ## Model
-- Encoder: {m.n_layers} blocks, d_model {m.d_model}, {m.n_heads} attention heads, attention per block:
-  {m.attention}; MoE feed-forward every {m.moe_every} block(s): {m.num_experts} experts of width {m.d_ff},
-  top-{m.top_k} token-choice routing ({m.activation}); masked mean pooling; linear head.
-- Tokenizer: WordPiece (HF `tokenizers`), lower-cased, trained on the training split, vocabulary {m.vocab_size}.
+{_encoder_lines(m, meta)}
 - Maximum length: {m.max_length} tokens. Longer texts are truncated to their first {m.max_length} tokens
   ({report["truncated_share"]:.0%} of the test texts were).
 - Labels: {", ".join(report["labels"])}.
-
+{_storage(meta)}
 ## Data
 - Dataset: `{meta["dataset"]}`; fixed stratified split (seed {meta["split_seed"]}, fractions
   {meta["split_fractions"]}): train {sizes["train"]}, validation {sizes["validation"]}, test {sizes["test"]}.
-- Training: {meta["epochs_run"]} epochs run, best validation macro-F1 at epoch {meta["best_epoch"]}
+- Training: {meta["epochs_run"]} epochs run, best validation macro-F1{_validated_on(recipe)} at epoch
+  {meta["best_epoch"]}
   ({history[meta["best_epoch"] - 1]["val_macro_f1"]}); {meta["train_seconds"]} s wall time.
 
 ## Test-split results
@@ -48,6 +100,7 @@ macro recall {report["recall"]:.4f}, macro one-vs-rest ROC-AUC {report["roc_auc"
 |---|---|---|---|---|---|
 {rows}
 
+{_short_and_calibration(report)}
 Expert utilisation on the test split (share of token assignments per expert):
 
 | MoE layer | share per expert | max/mean | normalised entropy |

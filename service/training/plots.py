@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from service.training.calibration import Reliability
+
 
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
@@ -61,4 +63,27 @@ def expert_by_class(layers: list[dict[str, Any]], labels: list[str], path: Path)
         ax.set_xlabel("expert")
         ax.set_title(f"MoE layer {layer['layer']}: share of class tokens")
         fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
+def reliability_diagram(before: Reliability, after: Reliability, temperature: float, path: Path) -> None:
+    """Accuracy per confidence bin before (T = 1) and after temperature scaling; calibrated bins meet the diagonal.
+
+    Each bar is labelled with its number of texts: a bin of three texts says little, and most texts sit in the top
+    bins of a good classifier."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    for ax, rel, title in ((axes[0], before, "T = 1"), (axes[1], after, f"T = {temperature:.4g}")):
+        used = rel.count > 0
+        lower, width = rel.edges[:-1][used], np.diff(rel.edges)[used]
+        ax.bar(lower, rel.accuracy[used], width, align="edge", edgecolor="black", lw=0.5, label="accuracy")
+        ax.plot(lower + width / 2, rel.confidence[used], "o", color="tab:red", ms=4, label="mean confidence")
+        for x, n in zip(lower + width / 2, rel.count[used], strict=True):
+            ax.text(x, 1.01, str(n), ha="center", va="bottom", fontsize=7)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.08)
+        ax.set_xlabel("top-1 confidence (numbers: texts per bin)")
+        ax.set_title(f"{title}: ECE {rel.ece:.4f}")
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel("accuracy")
     _save(fig, path)

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
 import random
 import time
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from service.modeling.artifacts import ModelBundle, save_model
-from service.modeling.classifier import ModelConfig, MoEClassifier, pad_batch
+from service.modeling.artifacts import STORAGE_DTYPES, ModelBundle, load_model, save_model
+from service.modeling.classifier import ClassifierOutput, ModelConfig, MoEClassifier, pad_batch
 from service.modeling.tokenizer import TextTokenizer
-from service.training.data import DEFAULT_SEED, Dataset, cap_examples, load_dataset
+from service.training.data import DEFAULT_SEED, Dataset, Example, cap_examples, load_dataset
 from service.training.evaluate import (
+    calibrate,
     encode_examples,
     evaluate_examples,
     expert_stats,
+    headline,
     predict_ids,
     routing_profile,
     write_report,
@@ -46,18 +50,30 @@ class DataRecipe(_Strict):
     max_examples_per_split: int | None = None  # deterministic stratified cap, for quick runs
 
 
-class ModelRecipe(_Strict):
-    vocab_size: int = 8000
-    max_length: int = 256
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: int = 256
+def _model_recipe() -> type[BaseModel]:
+    """The recipe's `model` section: every ModelConfig field with its default, except those the data decides
+    (labels, padding id). Derived, so the two cannot drift apart; vocab_size is the size of the tokenizer to train."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields: dict[str, Any] = {
+        f.name: (hints[f.name], 8000 if f.name == "vocab_size" else f.default)
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in ("num_labels", "pad_token_id")
+    }
+    return create_model("ModelRecipe", __base__=_Strict, **fields)
+
+
+ModelRecipe = _model_recipe()
+
+
+class BaseRecipe(_Strict):
+    """Start from a pretrained dense encoder (BERT format) and convert its FFNs to experts before fine-tuning."""
+
+    model: str  # folder with config.json + model.safetensors + tokenizer.json, or an installed package name
+    method: Literal["moefication", "upcycling"] = "moefication"
     num_experts: int = 8
     top_k: int = 2
-    moe_every: int = 1
-    attention: bool | list[bool] = True
-    activation: str = "gelu"
+    moe_every: int = 1  # 1: every block's FFN becomes experts; 2: every other block
+    max_length: int = 256  # serving length (at most the base's positions)
     dropout: float = 0.1
 
 
@@ -81,13 +97,37 @@ class TrainingRecipe(_Strict):
     # Validation, early stopping and the saved model use an exponential moving average of the weights: on a
     # small dataset it is far steadier from epoch to epoch than the raw weights. None turns it off.
     ema_decay: float | None = 0.99
+    # Short-text robustness: this share of training samples is replaced by a short view of the text, half of the
+    # time its first line (a title, where the text has several lines), otherwise a random window of 4-24 tokens.
+    short_text_prob: float = Field(0.0, ge=0.0, le=1.0)
+    # Training reads windows of at most this many tokens (default: the model's max_length); shorter is faster.
+    train_max_length: int | None = None
+    # Learning rate of the parameters that start untrained (head; routers of a converted model); default lr.
+    head_lr: float | None = None
+    # Weights on disk. float16/bfloat16 halve the folder: the weights are rounded to that grid before every
+    # validation, so the epoch chosen, the temperature and every reported figure are those of the weights as
+    # stored (computed in fp32), and the file holds them exactly. What rounding moved is recorded in config.json.
+    weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Validate (early stopping, best epoch) on each validation text and on its first line too (where texts have
+    # titles): the model is then chosen for short inputs as well as whole documents.
+    validate_headlines: bool = False
 
 
 class Recipe(_Strict):
     name: str = "model"
+    base: BaseRecipe | None = None  # fine-tune a converted pretrained encoder instead of training from scratch
     data: DataRecipe = Field(default_factory=DataRecipe)
-    model: ModelRecipe = Field(default_factory=ModelRecipe)
+    model: ModelRecipe = Field(default_factory=ModelRecipe)  # type: ignore[valid-type]
     training: TrainingRecipe = Field(default_factory=TrainingRecipe)
+
+    @model_validator(mode="after")
+    def _one_architecture_source(self) -> Recipe:
+        if self.base is not None and "model" in self.model_fields_set:
+            raise ValueError(
+                "a recipe with `base` takes its architecture from the base model: drop the `model` section "
+                "(experts, top_k, max_length and dropout are set under `base`)"
+            )
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
@@ -126,12 +166,29 @@ def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[li
     return batches
 
 
-def _augment(seq: list[int], max_length: int, tr: TrainingRecipe, rng: random.Random) -> list[int]:
-    if tr.random_window and len(seq) > max_length and rng.random() < 0.5:
-        start = rng.randrange(len(seq) - max_length + 1)
-        seq = seq[start : start + max_length]
+@dataclasses.dataclass
+class TrainText:
+    """One training text as the augmenter sees it: its own token ids (no special tokens) and its first line's."""
+
+    inner: list[int]
+    title: list[int] | None  # None when the text has a single line
+    label: int
+
+
+def _augment(text: TrainText, room: int, tr: TrainingRecipe, rng: random.Random) -> list[int]:
+    """A training view of a text's own ids, at most `room` long (special tokens are added after)."""
+    seq = text.inner
+    if tr.short_text_prob and rng.random() < tr.short_text_prob:
+        if text.title and rng.random() < 0.5:
+            return text.title[:room]
+        n = min(rng.randint(4, 24), room)
+        start = rng.randrange(max(len(seq) - n, 0) + 1)
+        return seq[start : start + n]
+    if tr.random_window and len(seq) > room and rng.random() < 0.5:
+        start = rng.randrange(len(seq) - room + 1)
+        seq = seq[start : start + room]
     else:
-        seq = seq[:max_length]
+        seq = seq[:room]
     if tr.token_dropout > 0:
         kept = [t for t in seq if rng.random() >= tr.token_dropout]
         seq = kept or seq[:1]
@@ -153,12 +210,89 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray, n: int) -> float:
     return float(f1_score(y, pred, labels=list(range(n)), average="macro", zero_division=0))
 
 
+def build_model(
+    recipe: Recipe, train_texts: list[str], labels: list[str]
+) -> tuple[MoEClassifier, TextTokenizer, set[str], dict[str, Any]]:
+    """The model to train, its tokenizer, the names of parameters that start untrained, and what to record about
+    its origin: a converted pretrained encoder (recipe.base) or a fresh one with a tokenizer trained on the data."""
+    if recipe.base is not None:
+        from service.modeling.bert import base_license, load_dense
+        from service.modeling.convert import convert_to_moe
+
+        b = recipe.base
+        dense, tokenizer, folder = load_dense(b.model, len(labels), b.max_length, b.dropout, recipe.training.seed)
+        model = convert_to_moe(dense, b.method, b.num_experts, b.top_k, b.moe_every, recipe.training.seed)
+        new = {n for n, _ in model.named_parameters() if n.startswith("head.") or ".router." in n}
+        origin = {"base": b.model, "base_license": base_license(folder), "conversion": b.method}
+        return model, tokenizer, new, origin
+    mr = recipe.model
+    tokenizer = TextTokenizer.train(train_texts, mr.vocab_size)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        num_labels=len(labels),
+        pad_token_id=tokenizer.pad_id,
+        **mr.model_dump(exclude={"vocab_size"}),
+    )
+    model = MoEClassifier(cfg)
+    return model, tokenizer, {n for n, _ in model.named_parameters()}, {}
+
+
+def _optimizer(model: MoEClassifier, tr: TrainingRecipe, new: set[str]) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and embeddings (standard for transformers); parameters that start
+    untrained may take a larger learning rate than a pretrained body."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        decays = param.ndim >= 2 and "emb" not in name
+        groups.setdefault((decays, name in new), []).append(param)
+    head_lr = tr.head_lr or tr.lr
+    return torch.optim.AdamW(
+        [
+            {"params": ps, "weight_decay": tr.weight_decay if decays else 0.0, "lr": head_lr if is_new else tr.lr}
+            for (decays, is_new), ps in groups.items()
+        ]
+    )
+
+
+def _train_texts(tokenizer: TextTokenizer, examples: list[Example], label2id: dict[str, int], keep: int) -> list:
+    inner = tokenizer.encode_inner([e.text for e in examples])
+    titled = [i for i, e in enumerate(examples) if "\n" in e.text.strip()]  # a first line with more below
+    titles = dict(zip(titled, tokenizer.encode_inner([headline(examples[i].text) for i in titled]), strict=True))
+    return [
+        TrainText(ids[:keep], titles.get(i), label2id[e.label])
+        for i, (ids, e) in enumerate(zip(inner, examples, strict=True))
+    ]
+
+
+class _EpochStats:
+    def __init__(self, n_layers: int, num_experts: int) -> None:
+        self.sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0}
+        self.correct = self.seen = 0
+        self.load = np.zeros((n_layers, num_experts))
+
+    def add(self, out: ClassifierOutput, y: torch.Tensor, loss: torch.Tensor, ce: torch.Tensor) -> None:
+        n = len(y)
+        for key, v in (("loss", loss), ("ce", ce), ("aux", out.aux_loss), ("z", out.z_loss)):
+            self.sums[key] += v.item() * n
+        self.correct += int((out.logits.argmax(1) == y).sum())
+        self.seen += n
+        for li, r in enumerate(out.routing):
+            self.load[li] += torch.bincount(r.expert_ids.reshape(-1), minlength=self.load.shape[1]).numpy()
+
+    def row(self) -> dict[str, Any]:
+        return {
+            **{f"train_{k}": round(v / self.seen, 4) for k, v in self.sums.items()},
+            "train_accuracy": round(self.correct / self.seen, 4),
+            "expert_imbalance": [expert_stats(lay / lay.sum())["imbalance_max_over_mean"] for lay in self.load],
+            "expert_cv": [expert_stats(lay / lay.sum())["cv"] for lay in self.load],
+        }
+
+
 def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train per `recipe`, write the model folder, return a summary (best epoch, validation and test metrics)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    tr, mr, dr = recipe.training, recipe.model, recipe.data
+    tr, dr = recipe.training, recipe.data
     if tr.threads:
         torch.set_num_threads(tr.threads)
     seed_everything(tr.seed)
@@ -170,28 +304,18 @@ def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict
         if not part:
             raise ValueError(f"split {s!r} of {dr.source} is empty")
 
-    tokenizer = TextTokenizer.train((e.text for e in splits["train"]), mr.vocab_size)
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        num_labels=len(labels),
-        pad_token_id=tokenizer.pad_id,
-        **mr.model_dump(exclude={"vocab_size"}),
-    )
-    model = MoEClassifier(cfg)
-    # Training keeps up to 4x max_length tokens so random windows can read past the start of long texts.
-    train_full = encode_examples(tokenizer, splits["train"], 4 * cfg.max_length)
-    train_ids = [s[: cfg.max_length] for s in train_full]
-    val_ids = encode_examples(tokenizer, splits["validation"], cfg.max_length)
-    y_train = [label2id[e.label] for e in splits["train"]]
-    y_val = np.array([label2id[e.label] for e in splits["validation"]])
+    model, tokenizer, new_params, origin = build_model(recipe, [e.text for e in splits["train"]], labels)
+    cfg = model.config
+    train_length = min(tr.train_max_length or cfg.max_length, cfg.max_length)
+    room = max(train_length - len(tokenizer.prefix) - len(tokenizer.suffix), 1)
+    # Up to 4x the window is kept so random windows can read past the start of long texts.
+    texts = _train_texts(tokenizer, splits["train"], label2id, 4 * room)
+    val_examples = _validation_examples(splits["validation"], tr.validate_headlines)
+    val_ids = encode_examples(tokenizer, val_examples, cfg.max_length)
+    y_val = np.array([label2id[e.label] for e in val_examples])
 
-    # No weight decay on biases, norms and embeddings: standard for transformers.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr
-    )
-    steps_per_epoch = math.ceil(len(train_ids) / tr.batch_size)
+    opt = _optimizer(model, tr, new_params)
+    steps_per_epoch = math.ceil(len(texts) / tr.batch_size)
     total = steps_per_epoch * tr.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(tr.warmup_ratio * total))))
     rng = random.Random(tr.seed)
@@ -201,19 +325,21 @@ def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tr.ema_decay)
         )
     eval_net: MoEClassifier = ema.module if ema is not None else model  # type: ignore[assignment]
+    rounding = STORAGE_DTYPES[tr.weights_dtype]
+    val_net = eval_net if tr.weights_dtype == "float32" else copy.deepcopy(eval_net)  # the weights as stored
 
     history: list[dict[str, Any]] = []
     best_f1, best_state, best_epoch, stale = -1.0, None, 0, 0
+    best_unrounded: dict[str, torch.Tensor] | None = None
     for epoch in range(1, tr.epochs + 1):
         model.train()
-        sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0}
-        correct = 0
-        load = np.zeros((len(model.moe_layers), cfg.num_experts))
-        batches = _batches([len(s) for s in train_ids], tr.batch_size, rng)
+        stats = _EpochStats(len(model.moe_layers), cfg.num_experts)
+        batches = _batches([min(len(t.inner), room) for t in texts], tr.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}/{tr.epochs}", disable=not progress, leave=False)
         for b in bar:
-            ids, mask = pad_batch([_augment(train_full[i], cfg.max_length, tr, rng) for i in b], tokenizer.pad_id)
-            y = torch.tensor([y_train[i] for i in b])
+            seqs = [tokenizer.frame(_augment(texts[i], room, tr, rng), train_length) for i in b]
+            ids, mask = pad_batch(seqs, tokenizer.pad_id)
+            y = torch.tensor([texts[i].label for i in b])
             out = model(ids, mask)
             ce = F.cross_entropy(out.logits, y, label_smoothing=tr.label_smoothing)
             loss = ce + tr.aux_loss_coef * out.aux_loss + tr.z_loss_coef * out.z_loss
@@ -224,55 +350,38 @@ def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
-            n = len(b)
-            sums["loss"] += loss.item() * n
-            sums["ce"] += ce.item() * n
-            sums["aux"] += out.aux_loss.item() * n
-            sums["z"] += out.z_loss.item() * n
-            correct += int((out.logits.argmax(1) == y).sum())
-            for li, r in enumerate(out.routing):
-                load[li] += torch.bincount(r.expert_ids.reshape(-1), minlength=cfg.num_experts).numpy()
+            stats.add(out, y, loss, ce)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        preds = predict_ids(eval_net, val_ids, pad_id=tokenizer.pad_id)
-        val_pred = preds.probs.argmax(1)
+        if val_net is not eval_net:
+            val_net.load_state_dict(rounded(eval_net.state_dict(), rounding))
+        val_pred = predict_ids(val_net, val_ids, pad_id=tokenizer.pad_id).probs.argmax(1)
         val_f1 = _macro_f1(y_val, val_pred, len(labels))
         row = {
             "epoch": epoch,
-            **{f"train_{k}": round(v / len(train_ids), 4) for k, v in sums.items()},
-            "train_accuracy": round(correct / len(train_ids), 4),
+            **stats.row(),
             "val_accuracy": round(float(np.mean(val_pred == y_val)), 4),
             "val_macro_f1": round(val_f1, 4),
-            "expert_imbalance": [expert_stats(lay / lay.sum())["imbalance_max_over_mean"] for lay in load],
-            "expert_cv": [expert_stats(lay / lay.sum())["cv"] for lay in load],
             "seconds": round(time.perf_counter() - t0, 1),
         }
         history.append(row)
-        log.info(
-            "epoch %d: loss %.4f (ce %.4f aux %.3f z %.3f) train acc %.4f | val acc %.4f macro-F1 %.4f | "
-            "expert imbalance max/mean %s",
-            epoch,
-            row["train_loss"],
-            row["train_ce"],
-            row["train_aux"],
-            row["train_z"],
-            row["train_accuracy"],
-            row["val_accuracy"],
-            row["val_macro_f1"],
-            row["expert_imbalance"],
-        )
+        _log_epoch(row)
         if val_f1 > best_f1:
             best_f1, best_epoch, stale = val_f1, epoch, 0
-            best_state = copy.deepcopy(eval_net.state_dict())
+            best_state = copy.deepcopy(val_net.state_dict())
+            best_unrounded = copy.deepcopy(eval_net.state_dict()) if val_net is not eval_net else None
         else:
             stale += 1
             if stale >= tr.patience:
                 log.info("early stopping: no validation macro-F1 gain for %d epochs", tr.patience)
                 break
     assert best_state is not None
+    storage = {"weights_dtype": tr.weights_dtype}
+    if best_unrounded is not None:  # what rounding to the storage dtype moved, for the record
+        model.load_state_dict(best_unrounded)
+        texts = [e.text for e in splits["validation"] + splits["test"]]
+        storage["rounding_vs_unrounded"] = compare_weights(model, best_state, tokenizer, texts)
     model.load_state_dict(best_state)
     model.eval()
-
-    out = Path(output_dir)
     training_meta = {
         "dataset": dr.source,
         "text_column": dr.text_column,
@@ -281,28 +390,101 @@ def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict
         "split_fractions": list(dr.split_fractions),
         "max_examples_per_split": dr.max_examples_per_split,
         "recipe": recipe.name,
+        **origin,
+        "storage": storage,
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "train_seconds": round(time.perf_counter() - t0, 1),
         "split_sizes": {s: len(p) for s, p in splits.items()},
     }
-    save_model(out, model, tokenizer, labels, training_meta)
-    (out / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2) + "\n")
-    (out / "training_log.json").write_text(json.dumps(history, indent=2) + "\n")
-    val_profile = routing_profile(predict_ids(model, val_ids, pad_id=tokenizer.pad_id), "validation", ds.name)
-    write_routing_profile(val_profile, out)
-
-    bundle = ModelBundle(out.name, out, model, tokenizer, cfg, dict(enumerate(labels)), training_meta)
-    report, test_preds, y_test = evaluate_examples(bundle, splits["test"], "test", ds.name)
-    write_report(report, test_preds, y_test, labels, out)
-    from service.training.model_card import write_model_card
-
-    write_model_card(out, recipe, report, training_meta, history)
+    report = _write_folder(Path(output_dir), recipe, model, tokenizer, labels, training_meta, history, splits, ds.name)
     return {
-        "output": str(out),
+        "output": str(output_dir),
         "best_epoch": best_epoch,
         "val_macro_f1": round(best_f1, 4),
         "test_macro_f1": report["macro_f1"],
         "test_accuracy": report["accuracy"],
         "train_seconds": training_meta["train_seconds"],
     }
+
+
+def rounded(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors rounded to `dtype` and back: the values a file of that dtype holds."""
+    return {k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def compare_weights(
+    model: MoEClassifier, other: dict[str, torch.Tensor], tokenizer: TextTokenizer, texts: list[str]
+) -> dict[str, Any]:
+    """How far `model` and the same architecture with weights `other` answer apart on `texts` (probabilities)."""
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(other)
+    ids = encode_examples(tokenizer, [Example(t, "", str(i)) for i, t in enumerate(texts)], model.config.max_length)
+    a = predict_ids(model, ids, pad_id=tokenizer.pad_id).probs
+    b = predict_ids(twin, ids, pad_id=tokenizer.pad_id).probs
+    return {
+        "texts": len(texts),
+        "max_abs_prob_diff": round(float(np.abs(a - b).max()), 6),
+        "argmax_agreement": round(float(np.mean(a.argmax(1) == b.argmax(1))), 6),
+    }
+
+
+def _validation_examples(examples: list[Example], with_headlines: bool) -> list[Example]:
+    if not with_headlines:
+        return examples
+    titled = [e for e in examples if "\n" in e.text.strip()]
+    return examples + [Example(headline(e.text), e.label, e.uid + "#headline") for e in titled]
+
+
+def _log_epoch(row: dict[str, Any]) -> None:
+    log.info(
+        "epoch %d: loss %.4f (ce %.4f aux %.3f z %.3f) train acc %.4f | val acc %.4f macro-F1 %.4f | "
+        "expert imbalance max/mean %s",
+        row["epoch"],
+        row["train_loss"],
+        row["train_ce"],
+        row["train_aux"],
+        row["train_z"],
+        row["train_accuracy"],
+        row["val_accuracy"],
+        row["val_macro_f1"],
+        row["expert_imbalance"],
+    )
+
+
+def _write_folder(
+    out: Path,
+    recipe: Recipe,
+    model: MoEClassifier,
+    tokenizer: TextTokenizer,
+    labels: list[str],
+    meta: dict[str, Any],
+    history: list[dict[str, Any]],
+    splits: dict[str, list[Example]],
+    dataset: str,
+) -> dict[str, Any]:
+    """Model folder: weights, config (with the temperature fitted on validation), recipe, training log, routing
+    profile, test report with plots, model card. Returns the test report."""
+    cfg = model.config
+    bundle = ModelBundle(out.name, out, model, tokenizer, cfg, dict(enumerate(labels)), meta)
+    temperature = calibrate(bundle, splits["validation"])
+    save_model(out, model, tokenizer, labels, meta, temperature, recipe.training.weights_dtype)
+    stored = load_model(out).model
+    # The weights were rounded to the storage grid before selection, so the file must reproduce them exactly.
+    for (name, a), b in zip(model.state_dict().items(), stored.state_dict().values(), strict=True):
+        if not torch.equal(a, b):
+            raise RuntimeError(f"stored weights differ from the trained ones at {name}")
+    # A base recipe has no model section (the base decides the architecture); recipe.json must load back as a recipe.
+    dumped = recipe.model_dump(mode="json", exclude={"model"} if recipe.base else None)
+    (out / "recipe.json").write_text(json.dumps(dumped, indent=2) + "\n")
+    (out / "training_log.json").write_text(json.dumps(history, indent=2) + "\n")
+    val_ids = encode_examples(tokenizer, splits["validation"], cfg.max_length)
+    val_preds = predict_ids(model, val_ids, pad_id=tokenizer.pad_id)
+    write_routing_profile(routing_profile(val_preds, "validation", dataset), out)
+    bundle.temperature = temperature
+    report, test_preds, y_test = evaluate_examples(bundle, splits["test"], "test", dataset)
+    write_report(report, test_preds, y_test, labels, out)
+    from service.training.model_card import write_model_card
+
+    write_model_card(out, recipe, cfg, report, meta, history)
+    return report

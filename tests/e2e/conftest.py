@@ -32,11 +32,13 @@ def run_server(models_dir: Path, log_path: Path, **settings: str) -> Iterator[st
 
 
 @pytest.fixture(scope="session")
-def models_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two models in one repository: `tiny` (default) and a copy named `tiny-b`."""
+def models_dir(tiny_model_dir: Path, tiny_bert_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three models in one repository: `tiny` (default), a copy named `tiny-b`, and `tiny-bert-moe`, a BERT-format
+    encoder converted to experts and fine-tuned."""
     d = tmp_path_factory.mktemp("repo")
     shutil.copytree(tiny_model_dir, d / "tiny")
     shutil.copytree(tiny_model_dir, d / "tiny-b")
+    shutil.copytree(tiny_bert_moe_dir, d / "tiny-bert-moe")
     return d
 
 

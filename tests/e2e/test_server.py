@@ -34,12 +34,12 @@ def _texts(n: int) -> list[str]:
 
 
 def _reference_probs(model_dir: Path, texts: list[str]) -> np.ndarray:
-    """Plain in-process reference: each text alone through the model (batch of one)."""
+    """Plain in-process reference: each text alone through the model (batch of one), at the model's temperature."""
     bundle = load_model(model_dir)
     rows = []
     for t in texts:
         ids = bundle.tokenizer.encode_batch([t], bundle.config.max_length)[0].ids
-        rows.append(predict_ids(bundle.model, [ids]).probs[0])
+        rows.append(predict_ids(bundle.model, [ids], temperature=bundle.temperature).probs[0])
     return np.stack(rows)
 
 
@@ -105,12 +105,35 @@ def test_multi_text_request_and_options(server: str) -> None:
     assert other["model"] == "tiny-b"
 
 
+def test_converted_pretrained_model_is_served_like_any_other(server: str, models_dir: Path) -> None:
+    """A BERT-format encoder converted to experts: same answers as in-process, WordPiece frame in the routing,
+    routing statistics counted, OIP v2 too."""
+    texts = ["stocks fell sharply\nthe bank said profit rose", "match team goal", "phone chip users"]
+    ref = _reference_probs(models_dir / "tiny-bert-moe", texts)
+    body = {"inputs": texts, "model": "tiny-bert-moe", "return_routing": True, "top_k": 3}
+    r = httpx.post(f"{server}/v1/classify", json=body)
+    assert r.status_code == 200, r.text
+    labels = httpx.get(f"{server}/v1/models/tiny-bert-moe").json()["labels"]
+    for i, p in enumerate(r.json()["predictions"]):
+        got = {s["label"]: s["score"] for s in p["scores"]}
+        np.testing.assert_allclose([got[lab] for lab in labels], ref[i], atol=TOL, rtol=0)
+        tokens = p["routing"]["tokens"]
+        assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and len(tokens) == p["tokens"]
+        assert len(p["routing"]["layers"]) == 2
+    stats = httpx.get(f"{server}/v1/models/tiny-bert-moe/routing").json()
+    assert all(sum(layer["tokens_per_expert"]) > 0 for layer in stats["since_start"]["layers"])
+    v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [texts[0]]}]}
+    infer = httpx.post(f"{server}/v2/models/tiny-bert-moe/infer", json=v2)
+    assert infer.status_code == 200, infer.text
+
+
 def test_models_and_routing_endpoints(server: str) -> None:
     models = httpx.get(f"{server}/v1/models").json()
     assert models["default_model"] == "tiny"
     card = next(m for m in models["models"] if m["name"] == "tiny")
     assert card["architecture"]["experts"] == 4 and card["architecture"]["top_k"] == 2
     assert card["labels"][0] == "business" and card["eval"]["macro_f1"] > 0 and card["status"] == "ready"
+    assert card["temperature"] > 0  # the served scores are softmax(logits / temperature)
     httpx.post(f"{server}/v1/classify", json={"inputs": _texts(3)})
     stats = httpx.get(f"{server}/v1/models/tiny/routing").json()
     for view in ("since_start", "window"):
@@ -334,3 +357,27 @@ def test_queue_full_gives_429_with_retry_after(models_dir: Path, tmp_path: Path)
         codes = asyncio.run(flood())
         assert set(codes) <= {200, 429} and 200 in codes and 429 in codes
         assert httpx.post(f"{url}/v1/classify", json={"inputs": "still here"}).status_code == 200
+
+
+def test_onnx_backend_serves_with_routing(onnx_models_dir: Path, tmp_path: Path) -> None:
+    """`--backend onnx` (MOE_BACKEND=onnx): the exported graphs behind the real server, routing and statistics
+    included, answers equal to the torch reference."""
+    texts = ["stocks fell sharply\nthe bank said profit rose", "match team goal", "phone chip users said"]
+    with run_server(onnx_models_dir, tmp_path / "onnx.log", backend="onnx", default_model="tiny-bert-moe") as url:
+        models = httpx.get(f"{url}/v1/models").json()["models"]
+        assert {(m["name"], m["backend"], m["precision"]) for m in models} == {
+            ("tiny", "onnx", "fp32"),
+            ("tiny-bert-moe", "onnx", "fp32"),
+        }
+        r = httpx.post(f"{url}/v1/classify", json={"inputs": texts, "return_routing": True})
+        assert r.status_code == 200, r.text
+        ref = _reference_probs(onnx_models_dir / "tiny-bert-moe", texts)
+        labels = models[[m["name"] for m in models].index("tiny-bert-moe")]["labels"]
+        for i, p in enumerate(r.json()["predictions"]):
+            got = {s["label"]: s["score"] for s in p["scores"]}
+            np.testing.assert_allclose([got[lab] for lab in labels], ref[i], atol=1e-4, rtol=0)
+            assert p["routing"]["tokens"][0] == "[CLS]" and len(p["routing"]["layers"]) == 2
+        stats = httpx.get(f"{url}/v1/models/tiny-bert-moe/routing").json()
+        assert all(sum(layer["tokens_per_expert"]) > 0 for layer in stats["since_start"]["layers"])
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'moe_model_info{backend="onnx",device="cpu",model="tiny-bert-moe",precision="fp32"} 1.0' in metrics

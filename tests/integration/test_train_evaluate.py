@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ REPORT_KEYS = {
     "confusion_matrix",
     "expert_by_class",
     "expert_utilisation",
+    "calibration",
+    "headline",
 }
 
 
@@ -45,6 +48,7 @@ def test_tiny_training_writes_a_complete_model_folder(tiny_model_dir: Path) -> N
         "confusion_matrix.png",
         "roc_curves.png",
         "expert_by_class.png",
+        "reliability_diagram.png",
     ):
         assert (tiny_model_dir / name).is_file(), name
     report = json.loads((tiny_model_dir / "eval.json").read_text())
@@ -69,6 +73,31 @@ def test_evaluate_cli_on_own_split(tiny_model_dir: Path, tmp_path: Path) -> None
     saved = json.loads((tiny_model_dir / "eval.json").read_text())
     assert report["confusion_matrix"] == saved["confusion_matrix"]
     assert (tmp_path / "rep" / "expert_by_class.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "reliability_diagram.png").stat().st_size > 1000
+    cal = report["calibration"]
+    assert cal["bins"] == 15 and cal["temperature"] > 0 and 0 <= cal["ece"] <= 1 and 0 <= cal["ece_before"] <= 1
+    # bbc-news articles open with their title: the headline section scores the model on titles alone.
+    head = report["headline"]
+    assert head["examples"] == report["examples"] and sum(map(sum, head["confusion_matrix"])) == report["examples"]
+    assert 0.2 < head["macro_f1"] <= 1 and 2 < head["mean_tokens"] < 30
+
+
+def test_calibrate_cli_writes_only_the_temperature(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    before = json.loads((model / "config.json").read_text())
+    r = _cli("calibrate", "--model", str(model))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["split"] == "validation" and 0.05 <= out["temperature"] <= 20
+    assert 0 <= out["ece"] <= 1 and 0 <= out["ece_before"] <= 1
+    after = json.loads((model / "config.json").read_text())
+    assert after == {**before, "temperature": out["temperature"]} and list(after) == list(before)
+    assert (model / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    r = _cli("evaluate", "--model", str(model), "--split", "validation", "--output-dir", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    cal = json.loads(r.stdout)["calibration"]
+    assert (cal["temperature"], cal["ece_before"], cal["ece"]) == (out["temperature"], out["ece_before"], out["ece"])
 
 
 def test_evaluate_cli_on_user_csv(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -122,6 +151,7 @@ def test_default_model_meets_its_bar(tmp_path: Path) -> None:
     report = json.loads(r.stdout)
     assert report["macro_f1"] >= 0.96
     assert report["examples"] == 426
+    assert report["calibration"]["ece"] <= report["calibration"]["ece_before"]
     size = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file())
     assert size <= 20_000_000, size
 

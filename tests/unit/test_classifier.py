@@ -134,3 +134,38 @@ def test_recipe_model_section_covers_the_model_config() -> None:
 
     config_fields = {f.name for f in fields(ModelConfig)} - {"num_labels", "pad_token_id"}
     assert set(ModelRecipe.model_fields) == config_fields
+
+
+def test_committed_default_model_gives_the_same_logits() -> None:
+    """The architecture grew BERT options; the committed from-scratch model must load and answer exactly as it did
+    (logits recorded with the code before that change)."""
+    import json
+
+    from tests.conftest import DEFAULT_MODEL, ROOT
+
+    golden = json.loads((ROOT / "tests" / "data" / "bbc_news_moe_golden.json").read_text())
+    bundle = load_model(DEFAULT_MODEL)
+    ids = [e.ids for e in bundle.tokenizer.encode_batch(golden["texts"], bundle.config.max_length)]
+    assert ids == golden["ids"]
+    with torch.no_grad():
+        logits = bundle.model(*pad_batch(ids, bundle.tokenizer.pad_id)).logits
+    torch.testing.assert_close(logits, torch.tensor(golden["logits"]), atol=1e-5, rtol=1e-5)
+
+
+def test_half_precision_storage_loads_as_fp32(tmp_path: Path) -> None:
+    """float16 on disk, fp32 in memory: half the file, answers within fp16 rounding."""
+    model = _model()
+    tok = TextTokenizer.train(["a b c"] * 5, vocab_size=50)
+    save_model(tmp_path / "full", model, tok, ["a", "b", "c"])
+    save_model(tmp_path / "half", model, tok, ["a", "b", "c"], weights_dtype="float16")
+    full, half = (tmp_path / n / "model.safetensors" for n in ("full", "half"))
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    bundle = load_model(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in bundle.model.parameters())
+    seqs = _texts(6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bundle.model(*pad_batch(seqs)).logits, model(*pad_batch(seqs)).logits, atol=5e-3, rtol=5e-3
+        )
+    with pytest.raises(ValueError, match="weights_dtype"):
+        save_model(tmp_path / "bad", model, tok, ["a", "b", "c"], weights_dtype="int8")

@@ -12,9 +12,11 @@ from service.modeling.moe import MoEFeedForward, load_balancing_loss, route, rou
 TOL = 1e-5  # fp32 tolerance for the grouped fast path vs the plain reference
 
 
-def _layer(seed: int = 0, d: int = 32, ff: int = 64, e: int = 8, k: int = 2) -> MoEFeedForward:
+def _layer(
+    seed: int = 0, d: int = 32, ff: int = 64, e: int = 8, k: int = 2, combine: str = "weighted"
+) -> MoEFeedForward:
     torch.manual_seed(seed)
-    layer = MoEFeedForward(d, ff, e, k)
+    layer = MoEFeedForward(d, ff, e, k, combine=combine)
     with torch.no_grad():  # non-zero biases so a missed bias shows up
         layer.b1.normal_()
         layer.b2.normal_()
@@ -57,10 +59,11 @@ def test_z_loss_value() -> None:
     assert router_z_loss(r).item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("combine", ["weighted", "sum"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("t", [1, 7, 300])
-def test_grouped_matches_reference(k: int, t: int) -> None:
-    layer = _layer(k=k)
+def test_grouped_matches_reference(k: int, t: int, combine: str) -> None:
+    layer = _layer(k=k, combine=combine)
     x = torch.randn(t, 32)
     with torch.no_grad():
         r = layer.route(x)
@@ -81,15 +84,29 @@ def test_grouped_with_idle_experts_matches_reference() -> None:
         torch.testing.assert_close(layer.grouped_forward(x, r), layer.reference_forward(x, r), atol=TOL, rtol=TOL)
 
 
-def test_grouped_gradients_match_reference() -> None:
-    layer = _layer()
+@pytest.mark.parametrize("combine", ["weighted", "sum"])
+def test_grouped_gradients_match_reference(combine: str) -> None:
+    layer = _layer(combine=combine)
     x = torch.randn(50, 32, requires_grad=True)
+    params = [x, layer.w1, layer.b2, layer.router.weight]
     r = layer.route(x)
-    g_fast = torch.autograd.grad(layer.grouped_forward(x, r).square().sum(), [x, layer.w1, layer.b2])
+    g_fast = torch.autograd.grad(layer.grouped_forward(x, r).square().sum(), params)
     r = layer.route(x)
-    g_ref = torch.autograd.grad(layer.reference_forward(x, r).square().sum(), [x, layer.w1, layer.b2])
+    g_ref = torch.autograd.grad(layer.reference_forward(x, r).square().sum(), params)
     for a, b in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_sum_combine_adds_the_chosen_experts() -> None:
+    """MoEfication's combine: a token's output is the plain sum of its k experts' outputs."""
+    layer = _layer(combine="sum")
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        y, r = layer(x)
+        expected = torch.stack(
+            [sum(layer.expert_mlp(int(e), x[t : t + 1])[0] for e in r.expert_ids[t]) for t in range(9)]
+        )
+    torch.testing.assert_close(y, expected, atol=TOL, rtol=TOL)
 
 
 def test_empty_input() -> None:

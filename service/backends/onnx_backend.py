@@ -1,0 +1,58 @@
+"""ONNX Runtime backend: the exported graph (model.onnx or model.int8.onnx) on CPU, no torch imported.
+
+The graph reads padded ids and mask and returns logits plus, per MoE layer, the packed tokens' experts and gates
+(service/modeling/onnx_export.py), so routing statistics and `return_routing` work as with the torch backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
+from service.modeling.folder import ModelFolderError, read_folder
+from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE, TOKENIZER_FILE
+from service.modeling.tokenizer import TextTokenizer
+
+GRAPHS = {"fp32": ONNX_FILE, "int8": ONNX_INT8_FILE}
+
+
+class OnnxBackend(Backend):
+    kind = "onnx"
+
+    def __init__(self, model_dir: str | Path, precision: str = "fp32", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        if precision not in GRAPHS:
+            raise ValueError(f"the onnx backend runs {', '.join(GRAPHS)}, not {precision!r}")
+        graph = GRAPHS[precision]
+        folder = read_folder(model_dir, graph)  # a missing graph says: run `moe-serve export` first
+        self.device, self.precision = "cpu", precision
+        self.tokenizer = TextTokenizer.from_file(folder.path / TOKENIZER_FILE)
+        self.pad_id = self.tokenizer.pad_id
+        self.info = model_info(folder, precision)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder.path / graph), opts, providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in self.session.get_outputs()]
+        if len(outputs) != 1 + 2 * self.info.moe_layers:
+            raise ModelFolderError(f"{folder.path / graph}: {len(outputs)} outputs, expected logits + 2 per MoE layer")
+
+    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
+        length = max(len(s) for s in sequences)
+        ids = np.full((len(sequences), length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(sequences), length), dtype=np.int64)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        logits, *routes = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
+        e = self.info.num_experts
+        experts, gates = routes[0::2], routes[1::2]
+        counts = np.stack([np.bincount(x.reshape(-1), minlength=e) for x in experts]).astype(np.int64)
+        routing = None
+        if return_routing:
+            routing = [LayerRouting(x, g.astype(np.float32)) for x, g in zip(experts, gates, strict=True)]
+        return BatchOutput(logits.astype(np.float32), counts, routing)

@@ -1,0 +1,104 @@
+"""Every way to run one model folder, side by side: torch fp32 / bf16, ONNX Runtime fp32 / int8.
+
+`measure_variants` times each at batch 1 and at a saturated batch on the same texts (medians of several runs) and
+checks its answers against torch fp32 on a labelled split. `choose` picks the fastest variant that answers as the
+reference does (fp32: probabilities within 1e-4, same labels, routing 99.9% the same; bf16 / int8: macro-F1 within
+0.5 points), and `write_choice` records it in config.json "serving", which `--backend auto` then follows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.backends import load_backend
+from service.backends.base import Backend
+from service.modeling.folder import update_config
+from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE, WEIGHTS_FILE
+
+VARIANTS = (("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8"))
+FILES = {("torch", "fp32"): WEIGHTS_FILE, ("torch", "bf16"): WEIGHTS_FILE, ("onnx", "fp32"): ONNX_FILE}
+FILES[("onnx", "int8")] = ONNX_INT8_FILE
+FP32_MAX_DIFF, ROUTING_MIN, F1_MAX_DROP = 1e-4, 0.999, 0.005
+SATURATED = 64
+
+
+def available(model_dir: Path) -> list[tuple[str, str]]:
+    return [v for v in VARIANTS if (model_dir / FILES[v]).is_file()]
+
+
+def _percentiles(times: list[float]) -> dict[str, float]:
+    ms = np.array(times) * 1e3
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
+def time_backend(backend: Backend, seqs: list[list[int]], repeats: int) -> dict[str, Any]:
+    """Batch 1 over every text, and batches of SATURATED (sorted by length, as the batcher cuts them); texts/s is
+    the median over `repeats` passes, p50/p99 are per call over all passes."""
+    ordered = sorted(seqs, key=len)
+    batches = [ordered[i : i + SATURATED] for i in range(0, len(ordered), SATURATED)]
+    backend.forward(batches[0])  # warm-up: lazy initialisation, caches
+    out: dict[str, Any] = {}
+    for name, calls in (("batch_1", [[s] for s in seqs]), (f"batch_{SATURATED}", batches)):
+        per_call, per_pass = [], []
+        for _ in range(repeats):
+            t_pass = time.perf_counter()
+            for call in calls:
+                t0 = time.perf_counter()
+                backend.forward(call)
+                per_call.append(time.perf_counter() - t0)
+            per_pass.append(time.perf_counter() - t_pass)
+        out[name] = {"texts_per_s": round(len(seqs) / statistics.median(per_pass), 1), **_percentiles(per_call)}
+    return out
+
+
+def measure_variants(
+    model_dir: Path, timing_texts: list[list[int]], eval_split: str | None, repeats: int = 3, threads: int | None = None
+) -> list[dict[str, Any]]:
+    """One row per available variant: speed, size on disk, and (when eval_split is given) accuracy and parity."""
+    from service.modeling.artifacts import load_model
+    from service.training.evaluate import evaluate_model
+
+    bundle = load_model(model_dir) if eval_split else None
+    rows = []
+    for kind, precision in available(model_dir):
+        backend = load_backend(model_dir, "cpu", kind, threads, precision)
+        row: dict[str, Any] = {"backend": kind, "precision": precision}
+        row["size_mb"] = round((model_dir / FILES[(kind, precision)]).stat().st_size / 1e6, 1)
+        row |= time_backend(backend, timing_texts, repeats)
+        if bundle is not None and eval_split is not None:
+            other = None if (kind, precision) == ("torch", "fp32") else backend
+            report = evaluate_model(bundle, None, eval_split, None, backend=other)
+            row["split"] = eval_split
+            row["macro_f1"] = report["macro_f1"]
+            row["parity"] = report.get("parity")
+        rows.append(row)
+    return rows
+
+
+def passes(row: dict[str, Any], reference_f1: float) -> bool:
+    p = row.get("parity")
+    if p is None:  # the reference itself
+        return True
+    if row["precision"] == "fp32":
+        same_routing = p["routing_agreement"] >= ROUTING_MIN
+        return p["max_abs_diff"] <= FP32_MAX_DIFF and p["argmax_agreement"] == 1.0 and same_routing
+    return reference_f1 - row["macro_f1"] <= F1_MAX_DROP
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest correct variant at a saturated batch (the regime a busy server runs in)."""
+    ref = next(r for r in rows if (r["backend"], r["precision"]) == ("torch", "fp32"))
+    ok = [r for r in rows if passes(r, ref["macro_f1"])]
+    best = max(ok, key=lambda r: r[f"batch_{SATURATED}"]["texts_per_s"])
+    return {"backend": best["backend"], "precision": best["precision"]}
+
+
+def write_choice(model_dir: Path, rows: list[dict[str, Any]], machine: str) -> dict[str, Any]:
+    choice = choose(rows)
+    update_config(model_dir, serving={**choice, "chosen_on": machine, "measured": rows})
+    return choice

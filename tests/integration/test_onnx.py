@@ -1,0 +1,111 @@
+"""ONNX export and the ONNX Runtime backend against the torch fp32 reference; bf16 torch against fp32.
+
+Tolerances: ONNX fp32 probabilities within 1e-4 of torch fp32 with identical routing (the graph computes the same
+maths; only summation order differs); bf16 and int8 are judged on agreement, not digits."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from service.backends import load_backend, resolve
+from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE
+
+TOL = 1e-4
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def _sequences(n: int, vocab: int, max_len: int, seed: int) -> list[list[int]]:
+    """Lengths and ids unlike the export example (two texts of 12 and 6 tokens), so routing differs too."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(5, vocab, rng.integers(1, max_len + 1)).tolist() for _ in range(n)]
+
+
+@pytest.fixture(params=["tiny", "tiny-bert-moe"])
+def exported(request: pytest.FixtureRequest, onnx_models_dir: Path) -> Path:
+    folder = onnx_models_dir / request.param
+    assert (folder / ONNX_FILE).is_file() and (folder / ONNX_INT8_FILE).is_file()
+    return folder
+
+
+@pytest.mark.parametrize("batch", [1, 7, 33])
+def test_onnx_matches_torch_on_new_shapes_and_routing(exported: Path, batch: int) -> None:
+    torch_b = load_backend(exported, "cpu", "torch", precision="fp32")
+    onnx_b = load_backend(exported, "cpu", "onnx", precision="fp32")
+    seqs = _sequences(batch, torch_b.info.architecture["vocab_size"], torch_b.info.max_length, seed=batch)
+    ref = torch_b.forward(seqs, return_routing=True)
+    got = onnx_b.forward(seqs, return_routing=True)
+    np.testing.assert_allclose(_softmax(got.logits), _softmax(ref.logits), atol=TOL, rtol=0)
+    assert (got.logits.argmax(1) == ref.logits.argmax(1)).all()
+    np.testing.assert_array_equal(got.expert_counts, ref.expert_counts)
+    assert ref.routing is not None and got.routing is not None
+    for a, b in zip(got.routing, ref.routing, strict=True):
+        # The same expert set per token (order within the top-k too) and the same gates.
+        np.testing.assert_array_equal(a.expert_ids, b.expert_ids)
+        np.testing.assert_allclose(a.gates, b.gates, atol=TOL, rtol=0)
+
+
+def test_int8_and_bf16_agree_with_fp32(exported: Path) -> None:
+    ref_b = load_backend(exported, "cpu", "torch", precision="fp32")
+    seqs = _sequences(40, ref_b.info.architecture["vocab_size"], ref_b.info.max_length, seed=3)
+    ref = _softmax(ref_b.forward(seqs).logits)
+    for kind, precision in (("onnx", "int8"), ("torch", "bf16")):
+        b = load_backend(exported, "cpu", kind, precision=precision)
+        assert b.info.precision == precision
+        got = _softmax(b.forward(seqs).logits)
+        # Random ids, not text: a loose bound that still catches a broken graph (e.g. frozen routing).
+        assert np.abs(got - ref).max() < 0.15, (kind, precision, np.abs(got - ref).max())
+        assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.85, (kind, precision)
+
+
+def test_backend_choice_follows_settings_then_folder(exported: Path, tmp_path: Path) -> None:
+    import json
+
+    assert resolve(exported) == ("torch", "fp32")  # no "serving" in config.json yet
+    config = json.loads((exported / "config.json").read_text())
+    config["serving"] = {"backend": "onnx", "precision": "int8"}
+    folder = tmp_path / "chosen"
+    shutil.copytree(exported, folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert resolve(folder) == ("onnx", "int8")
+    assert resolve(folder, "torch") == ("torch", "fp32")
+    assert resolve(folder, "onnx", "fp32") == ("onnx", "fp32")
+    with pytest.raises(ValueError, match="runs fp32 or bf16"):
+        resolve(folder, "torch", "int8")
+    assert load_backend(folder, "cpu").kind == "onnx"
+    # Graphs are build artefacts: a fresh clone has the choice but not the graph, and `auto` then serves torch.
+    (folder / ONNX_INT8_FILE).unlink()
+    assert resolve(folder) == ("torch", "fp32")
+
+
+def test_missing_graph_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from service.modeling.folder import ModelFolderError
+
+    folder = tmp_path / "no-onnx"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / ONNX_FILE).unlink(missing_ok=True)
+    with pytest.raises(ModelFolderError, match=r"missing model\.onnx"):
+        load_backend(folder, "cpu", "onnx")
+
+
+def test_onnx_backend_runs_without_torch(exported: Path) -> None:
+    """An ONNX-only deployment needs no torch: loading and running the backend imports none."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from service.backends import load_backend; "
+        f"b = load_backend({str(exported)!r}, 'cpu', 'onnx'); b.forward([[5, 6, 7]], return_routing=True); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
