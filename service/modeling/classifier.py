@@ -36,20 +36,24 @@ class PackedBatch:
     lengths: torch.Tensor  # [B]
     batch: int
     seq_len: int
+    # [B*L] for each grid position, its packed row, or T (a zero row appended when unpacking) for padding
+    unpack_index: torch.Tensor
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> PackedBatch:
         b, length = attention_mask.shape
         flat = attention_mask.reshape(-1).bool()
         flat_index = flat.nonzero().squeeze(1)
-        return cls(flat_index, flat_index // length, attention_mask.sum(1), b, length)
+        unpack_index = torch.where(flat, flat.long().cumsum(0) - 1, flat.long().sum())
+        return cls(flat_index, flat_index // length, attention_mask.sum(1), b, length, unpack_index)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.batch * self.seq_len, -1).index_select(0, self.flat_index)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        out = packed.new_zeros(self.batch * self.seq_len, packed.shape[-1])
-        return out.index_copy(0, self.flat_index, packed).view(self.batch, self.seq_len, -1)
+        # A gather from the packed rows plus one zero row: no scatter, which graph runtimes execute slowly.
+        rows = torch.cat([packed, packed.new_zeros(1, packed.shape[-1])])
+        return rows.index_select(0, self.unpack_index).view(self.batch, self.seq_len, -1)
 
 
 @dataclass
@@ -71,13 +75,23 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
+    # Set once on a model about to be exported (service/modeling/onnx_export.py): plain matmul-softmax-matmul with an
+    # additive mask, which graph runtimes fuse, instead of SDPA's boolean-mask export (Where/IsNaN over the scores).
+    explicit: bool = False
+
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         b, length, d = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        # Boolean mask [B, 1, 1, L]: padded keys get no weight, so padding never changes a real token's output.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.explicit:
+            # Padded keys get -1e9: exp underflows to exactly 0, as with SDPA's boolean mask (every row has a key).
+            bias = (1.0 - key_mask.to(q.dtype))[:, None, None, :] * -1e9
+            scores = q @ k.transpose(-2, -1) * (d // self.n_heads) ** -0.5 + bias
+            y = scores.softmax(-1) @ v
+        else:
+            # Boolean mask [B, 1, 1, L]: padded keys get no weight, so padding never changes a real token's output.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out(y.transpose(1, 2).reshape(b, length, d))
 
 

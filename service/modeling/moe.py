@@ -142,17 +142,18 @@ class MoEFeedForward(nn.Module):
 
     def graph_forward(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
         """The grouped dispatch written with graph ops only, for export: a static loop over the E experts, each
-        finding its (token, slot) pairs with nonzero and adding its weighted output back with index_add. No
-        host-side sizes (.tolist()), so a traced graph routes every input afresh instead of freezing the example's
-        routing; an expert with no tokens computes on zero rows. Same maths as grouped_forward; the k terms of a
-        token are summed in expert order rather than slot order (float rounding only)."""
-        weights = combine_weights(r, self.combine).to(x.dtype)
-        out = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            tokens, slots = (r.expert_ids == e).nonzero(as_tuple=True)
-            y = self.expert_mlp(e, x.index_select(0, tokens)) * weights[tokens, slots].unsqueeze(1)
-            out = out.index_add(0, tokens, y)
-        return out
+        finding its (token, slot) assignments with nonzero. No host-side sizes (.tolist()), so a traced graph
+        routes every input afresh instead of freezing the example's routing; an expert with no tokens computes on
+        zero rows. As in grouped_forward, outputs are put back in token order by one gather (graph runtimes run
+        scatters slowly) and a token's k terms are summed in slot order: the same maths, the same rounding."""
+        t, k = r.expert_ids.shape
+        flat_e = r.expert_ids.reshape(-1)
+        picked = [(flat_e == e).nonzero().squeeze(1) for e in range(self.num_experts)]
+        y_sorted = torch.cat([self.expert_mlp(e, x.index_select(0, a // k)) for e, a in enumerate(picked)])
+        order = torch.cat(picked)  # assignment ids grouped by expert, as y_sorted's rows
+        inverse = torch.zeros_like(order).scatter(0, order, torch.arange(order.shape[0], device=order.device))
+        y = y_sorted.index_select(0, inverse).view(t, k, -1)
+        return (y * combine_weights(r, self.combine).to(y.dtype).unsqueeze(-1)).sum(1)  # Einsum runs slowly in ORT
 
     def expert_mlp(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         h = self._act(torch.addmm(self.b1[e], rows, self.w1[e]))

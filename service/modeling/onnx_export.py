@@ -36,11 +36,14 @@ class _GraphModel(nn.Module):
         self.model = copy.deepcopy(model).eval().float()
         for layer in self.model.moe_layers:
             layer.graph_dispatch = True
+        for block in self.model.blocks:
+            if block.attn is not None:
+                block.attn.explicit = True
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h, packed, routing = self.model.encode(input_ids, attention_mask)
         # Mean pooling through the padded view (padding rows are zero) rather than index_add over sequence ids:
-        # ONNX's scatter keeps one of several updates to the same row instead of adding them.
+        # the exported scatter would keep one of several updates to the same row instead of adding them.
         pooled = packed.unpack(h).sum(1) / packed.lengths.clamp(min=1).to(h.dtype)[:, None]
         logits = self.model.head(pooled)
         return (logits, *[t for r in routing for t in (r.expert_ids, r.gates)])

@@ -324,7 +324,8 @@ def evaluate_model(
         seqs = encode_examples(bundle.tokenizer, examples, bundle.config.max_length)
         got = predict_backend(backend, seqs, temperature=bundle.temperature)
         ref = predict_backend(TorchBackend(str(bundle.path), "cpu"), seqs, temperature=bundle.temperature)
-        report = {"backend": backend.kind, "precision": backend.info.precision, **report, "parity": parity(*ref, *got)}
+        engine = {"backend": backend.kind, "precision": backend.info.precision}  # ("precision" is a metric here)
+        report = {"engine": engine, **report, "parity": parity(*ref, *got)}
     if output_dir is not None:
         write_report(report, preds, y, bundle.labels, Path(output_dir))
     return report

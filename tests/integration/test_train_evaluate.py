@@ -156,6 +156,21 @@ def test_default_model_meets_its_bar(tmp_path: Path) -> None:
     assert size <= 20_000_000, size
 
 
+def test_pretrained_model_meets_its_bar(tmp_path: Path) -> None:
+    """The committed converted MiniLM model, evaluated afresh by the CLI: issue 7's floor on articles, headlines
+    and calibration, and the 60 MB a committed folder may take."""
+    folder = ROOT / "models" / "bbc-news-minilm-moe"
+    r = _cli("evaluate", "--model", str(folder), "--split", "test", "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["examples"] == 426
+    assert report["macro_f1"] >= 0.975, report["macro_f1"]
+    assert report["headline"]["macro_f1"] >= 0.85, report["headline"]["macro_f1"]
+    assert report["calibration"]["ece"] <= 0.03, report["calibration"]
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".onnx"))
+    assert size <= 60_000_000, size
+
+
 def test_training_is_reproducible(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Same recipe, same machine: byte-identical tokenizer, weights and reports."""
     r = _cli(
