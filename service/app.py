@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import v1, v2
+from service.api.access import RequestContext
 from service.api.common import JSON, ClientDisconnected
 from service.config import Settings
 from service.engine.registry import Engine
@@ -162,4 +163,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSON({"status": "ok"})
 
     app.add_middleware(BodyLimitAndMetrics, settings=settings, metrics=metrics)
+    app.add_middleware(RequestContext, settings=settings)  # outermost: ids and auth before any body is read
     return app

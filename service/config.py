@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(2_000_000, ge=1024, description="largest request body; larger gets 413")
     routing_window_s: float = Field(60.0, gt=0, description="length of the recent window in routing statistics")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    api_key: SecretStr | None = Field(
+        None, description="when set, every route but health, /metrics and the docs needs Authorization: Bearer <key>"
+    )
+    metrics_need_key: bool = Field(False, description="put /metrics behind the API key too")
+    access_log: Literal["off", "json"] = Field("off", description="json: one JSON line per request on stderr")
 
     @field_validator("log_level", mode="before")
     @classmethod

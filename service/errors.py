@@ -19,7 +19,10 @@ class ErrorKind(str, Enum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     QUEUE_FULL = "queue_full"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    REQUEST_TIMEOUT = "request_timeout"
+    MODEL_FAILED = "model_failed"
     CLIENT_GONE = "client_disconnected"
+    UNAUTHORIZED = "unauthorized"
     INTERNAL = "internal"
 
 
@@ -31,8 +34,11 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.MODEL_NOT_READY: 503,
     ErrorKind.PAYLOAD_TOO_LARGE: 413,
     ErrorKind.QUEUE_FULL: 429,
-    ErrorKind.DEADLINE_EXCEEDED: 504,
+    ErrorKind.DEADLINE_EXCEEDED: 504,  # the server's own deadline (request_timeout_s) passed
+    ErrorKind.REQUEST_TIMEOUT: 408,  # the request's own timeout_ms passed: the client's choice, not an upstream fault
+    ErrorKind.MODEL_FAILED: 503,  # the model's folder could not be loaded; the other models serve
     ErrorKind.CLIENT_GONE: 499,  # never sent (nobody is listening); counted in metrics under this reason
+    ErrorKind.UNAUTHORIZED: 401,
     ErrorKind.INTERNAL: 500,
 }
 
@@ -59,15 +65,24 @@ class ServiceError(Exception):
         return out
 
 
-def queue_full(model: str, retry_after_s: int) -> ServiceError:
+def queue_full(model: str, retry_after_ms: int) -> ServiceError:
+    """429 with Retry-After in whole seconds (HTTP) and retry-after-ms, the estimate itself, for clients that can
+    use it: a queue drains in milliseconds, so seconds alone make clients wait far too long."""
+    seconds = max(1, -(-retry_after_ms // 1000))
     return ServiceError(
         ErrorKind.QUEUE_FULL,
-        f"model {model!r} is at capacity; retry after {retry_after_s} s",
-        headers={"Retry-After": str(retry_after_s)},
+        f"model {model!r} is at capacity; retry after {retry_after_ms} ms",
+        headers={"Retry-After": str(seconds), "retry-after-ms": str(retry_after_ms)},
     )
 
 
-def deadline_exceeded(model: str) -> ServiceError:
+def deadline_exceeded(model: str, own_timeout_ms: int | None = None) -> ServiceError:
+    if own_timeout_ms is not None:
+        return ServiceError(
+            ErrorKind.REQUEST_TIMEOUT,
+            f"request to model {model!r} passed its own timeout_ms ({own_timeout_ms} ms) before it ran",
+            field="timeout_ms",
+        )
     return ServiceError(ErrorKind.DEADLINE_EXCEEDED, f"request to model {model!r} passed its deadline before it ran")
 
 

@@ -141,7 +141,9 @@ def model_card(worker: ModelWorker) -> dict[str, Any]:
 @router.get("/models", summary="Models served: labels, temperature, architecture, backend, device, eval metrics")
 async def list_models(request: Request) -> JSON:
     engine = engine_of(request)
-    return JSON({"default_model": engine.default_model, "models": [model_card(w) for w in engine.workers.values()]})
+    cards = [model_card(w) for w in engine.workers.values()]
+    cards += [{"name": name, "status": "failed", "error": why} for name, why in engine.failed.items()]
+    return JSON({"default_model": engine.default_model, "models": cards})
 
 
 @router.get("/models/{model}", summary="One model", responses=ERRORS)

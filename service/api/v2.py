@@ -117,11 +117,15 @@ async def live() -> JSON:
     return JSON({"live": True})
 
 
-@router.get("/health/ready", summary="Readiness: every model loaded", responses=ERRORS)
+@router.get(
+    "/health/ready",
+    summary="Readiness: every model that loaded is ready (folders that failed to load are listed, not waited for)",
+    responses=ERRORS,
+)
 async def ready(request: Request) -> JSON:
     engine = engine_of(request)
     ok = bool(engine.workers) and all(w.ready for w in engine.workers.values())
-    return JSON({"ready": ok}, status_code=200 if ok else 503)
+    return JSON({"ready": ok, "failed_models": sorted(engine.failed)}, status_code=200 if ok else 503)
 
 
 @router.get("/models/{model}", response_model=ModelMetadata, responses=ERRORS, summary="Model metadata")
@@ -145,8 +149,11 @@ async def model_metadata(model: str, request: Request) -> JSON:
 
 @router.get("/models/{model}/ready", responses=ERRORS, summary="Model readiness")
 async def model_ready(model: str, request: Request) -> JSON:
-    w = engine_of(request).get(model)
-    return JSON({"name": w.name, "ready": w.ready})
+    engine = engine_of(request)
+    if model in engine.failed:
+        return JSON({"name": model, "ready": False, "error": engine.failed[model]}, status_code=503)
+    w = engine.get(model)
+    return JSON({"name": w.name, "ready": w.ready}, status_code=200 if w.ready else 503)
 
 
 @router.post(

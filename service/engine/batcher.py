@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -141,7 +142,10 @@ class ModelWorker:
         timeout_s = (
             self.settings.request_timeout_s if timeout_s is None else min(timeout_s, self.settings.request_timeout_s)
         )
+        # Whose deadline is it: a request's own timeout_ms below the server's cap is answered 408, not 504.
+        own_ms = round(timeout_s * 1000) if timeout_s < self.settings.request_timeout_s else None
         deadline = time.monotonic() + timeout_s
+        self._check_room(len(texts))  # refuse before any work: a refused request must not burn the cores
         t0 = time.perf_counter()
         max_len = self.info.max_length
         encoded = await loop.run_in_executor(self.tokenize_pool, self.backend.tokenizer.encode_batch, texts, max_len)
@@ -159,7 +163,7 @@ class ModelWorker:
         req = PendingRequest(loop, loop.create_future(), len(texts), deadline, return_routing)
         now = time.monotonic()
         if now >= deadline:
-            raise deadline_exceeded(self.name)
+            raise deadline_exceeded(self.name, own_ms)
         items = [WorkItem(req, i, e.ids, e.truncated, now) for i, e in enumerate(encoded)]
         self._admit(items)
         try:
@@ -171,24 +175,30 @@ class ModelWorker:
         if not done:
             req.cancelled = True
             req.future.cancel()  # a late result or error from the inference thread then goes nowhere, quietly
-            raise deadline_exceeded(self.name)
+            raise deadline_exceeded(self.name, own_ms)
         results = req.future.result()
         return ClassifyResult(results, tokenization_s, req.queue_s, req.inference_s)
 
+    def _check_room(self, n: int) -> None:
+        """Admission: 503 while stopping, 429 when n more texts would overfill the queue. Called before
+        tokenizing (cheap refusal) and again when the texts are queued (the queue may have filled meanwhile)."""
+        if self._stopping:
+            raise ServiceError(ErrorKind.MODEL_NOT_READY, f"model {self.name!r} is shutting down")
+        if len(self._queue) + n > self.settings.max_queue_texts:
+            raise queue_full(self.name, self._retry_after_ms(len(self._queue) + n))
+
     def _admit(self, items: list[WorkItem]) -> None:
         with self._cond:
-            if self._stopping:
-                raise ServiceError(ErrorKind.MODEL_NOT_READY, f"model {self.name!r} is shutting down")
-            if len(self._queue) + len(items) > self.settings.max_queue_texts:
-                raise queue_full(self.name, self._retry_after(len(self._queue) + len(items)))
+            self._check_room(len(items))
             self._queue.extend(items)
             self._queued_tokens += sum(len(it.ids) for it in items)
             self._m_queue.set(len(self._queue))
             self._cond.notify()
 
-    def _retry_after(self, texts: int) -> int:
+    def _retry_after_ms(self, texts: int) -> int:
+        """How long the queue ahead takes to drain at the measured rate: 1 ms to 60 s."""
         rate = self._texts_per_s or 100.0
-        return int(min(60, max(1, math.ceil(texts / rate))))
+        return int(min(60_000, max(1, math.ceil(1000 * texts / rate))))
 
     # -- inference thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -218,8 +228,11 @@ class ModelWorker:
             try:
                 self._execute(batch)
             except Exception:
-                log.exception("model %s: batch of %d texts failed", self.name, len(batch))
-                self._fail(batch, ServiceError(ErrorKind.INTERNAL, f"model {self.name!r} failed on this batch"))
+                # The id ties each failed request's 500 to this log line; the response carries no trace.
+                error_id = uuid.uuid4().hex[:12]
+                log.exception("model %s: batch of %d texts failed (error id %s)", self.name, len(batch), error_id)
+                message = f"model {self.name!r} failed on this batch (error id {error_id})"
+                self._fail(batch, ServiceError(ErrorKind.INTERNAL, message, headers={"x-error-id": error_id}))
         return True
 
     def _wait_for_more(self) -> None:

@@ -36,23 +36,39 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.workers: dict[str, ModelWorker] = {}
+        self.failed: dict[str, str] = {}  # model name -> why it could not be loaded (no internal paths)
         # Tokenization runs here, off the event loop; HF tokenizers releases the GIL while it works.
         self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         metrics.watch_routing(lambda: [(n, w.stats) for n, w in self.workers.items()])
 
     def load(self) -> None:
+        """Load and warm every model folder. A folder that fails (missing or corrupt weights, bad config, missing
+        tokenizer, ...) fails alone: it is logged, reported in /v1/models and readiness, and the others serve."""
         s = self.settings
-        for path in discover_models(s.models_dir, s.models):
-            backend = load_backend(path, s.device, s.backend, s.threads, s.precision)
-            profile_file = path / ROUTING_PROFILE_FILE
-            profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
-            worker = ModelWorker(backend, s, self.metrics, self.tokenize_pool, profile)
-            worker.start()
-            self.workers[worker.name] = worker
-            self.metrics.model_info.labels(worker.name, backend.kind, backend.device, backend.info.precision).set(1)
-            log.info("model %s ready on %s (%s backend)", worker.name, backend.device, backend.kind)
-        if s.default_model and s.default_model not in self.workers:
-            raise FileNotFoundError(f"default model {s.default_model!r} is not among {', '.join(self.workers)}")
+        paths = discover_models(s.models_dir, s.models)
+        for path in paths:
+            try:
+                self._load_one(path)
+            except Exception as exc:
+                self.failed[path.name] = _public_message(exc, s.models_dir)
+                log.error("model %s failed to load: %s", path.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        if not self.workers:
+            raise RuntimeError(f"no model could be loaded from {s.models_dir}: {self.failed}")
+        names = [p.name for p in paths]
+        if s.default_model and s.default_model not in names:
+            raise FileNotFoundError(f"default model {s.default_model!r} is not among {', '.join(names)}")
+
+    def _load_one(self, path: Path) -> None:
+        s = self.settings
+        backend = load_backend(path, s.device, s.backend, s.threads, s.precision)
+        profile_file = path / ROUTING_PROFILE_FILE
+        profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
+        worker = ModelWorker(backend, s, self.metrics, self.tokenize_pool, profile)
+        worker.start()
+        self.workers[worker.name] = worker
+        self.metrics.model_info.labels(worker.name, backend.kind, backend.device, backend.info.precision).set(1)
+        info = (worker.name, backend.device, backend.kind, backend.info.precision)
+        log.info("model %s ready on %s (%s backend, %s)", *info)
 
     @property
     def default_model(self) -> str:
@@ -60,9 +76,11 @@ class Engine:
 
     def get(self, name: str | None) -> ModelWorker:
         name = name or self.default_model
+        if name in self.failed:
+            raise ServiceError(ErrorKind.MODEL_FAILED, f"model {name!r} failed to load: {self.failed[name]}")
         worker = self.workers.get(name)
         if worker is None:
-            raise model_not_found(name, list(self.workers))
+            raise model_not_found(name, [*self.workers, *self.failed])
         if not worker.ready:
             raise ServiceError(ErrorKind.MODEL_NOT_READY, f"model {name!r} is not ready")
         return worker
@@ -71,3 +89,11 @@ class Engine:
         for w in self.workers.values():
             w.stop()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _public_message(exc: Exception, models_dir: Path) -> str:
+    """The error for API clients: its type and message with the model repository's location removed."""
+    text = str(exc)
+    for root in {str(models_dir.resolve()), str(models_dir)}:
+        text = text.replace(root + "/", "").replace(root, "")
+    return f"{type(exc).__name__}: {text}"[:500]

@@ -326,10 +326,11 @@ def test_v2_bad_inputs(server: str) -> None:
     assert httpx.post(f"{server}/v2/models/nope/infer", json=bad[0]).status_code == 404
 
 
-def test_deadline_passed_gives_504(server: str) -> None:
-    """A 1 ms deadline cannot cover tokenizing ~170 kB of text: refused with 504 before reaching the model."""
+def test_own_deadline_passed_gives_408(server: str) -> None:
+    """A 1 ms timeout_ms cannot cover tokenizing ~170 kB of text: refused before reaching the model, with a status
+    that says the request's own deadline passed (408), not an upstream failure (504)."""
     r = httpx.post(f"{server}/v1/classify", json={"inputs": ["market " * 3000] * 8, "timeout_ms": 1})
-    assert r.status_code == 504 and r.json()["type"] == "deadline_exceeded"
+    assert r.status_code == 408 and r.json()["type"] == "request_timeout" and r.json()["field"] == "timeout_ms"
 
 
 def test_server_still_serves_after_bad_input(server: str) -> None:
@@ -344,7 +345,7 @@ def test_queue_full_gives_429_with_retry_after(models_dir: Path, tmp_path: Path)
     with run_server(models_dir, tmp_path / "log", max_queue_texts=2, max_batch_size=2, max_wait_ms=0) as url:
         # More texts than the queue may ever hold: refused at once, whatever the load.
         r = httpx.post(f"{url}/v1/classify", json={"inputs": ["a", "b", "c"]})
-        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and int(r.headers["retry-after-ms"]) >= 1
         assert r.json()["type"] == "queue_full"
 
         async def flood() -> list[int]:
@@ -381,3 +382,61 @@ def test_onnx_backend_serves_with_routing(onnx_models_dir: Path, tmp_path: Path)
         assert all(sum(layer["tokens_per_expert"]) > 0 for layer in stats["since_start"]["layers"])
         metrics = httpx.get(f"{url}/metrics").text
         assert 'moe_model_info{backend="onnx",device="cpu",model="tiny-bert-moe",precision="fp32"} 1.0' in metrics
+
+
+def test_broken_model_folder_fails_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Truncated weights, a bad config and a missing tokenizer, each in its own folder beside a good one: the
+    server starts, each broken model reports its error (no internal paths) and readiness, the good one serves."""
+    repo = tmp_path / "repo"
+    for name in ("good", "truncated", "bad-config", "no-tokenizer"):
+        shutil.copytree(tiny_model_dir, repo / name)
+    weights = repo / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (repo / "bad-config" / "config.json").write_text('{"model_type": "moe-text-classifier", "architecture": {}}')
+    (repo / "no-tokenizer" / "tokenizer.json").unlink()
+    with run_server(repo, tmp_path / "log", default_model="good") as url:
+        cards = {m["name"]: m for m in httpx.get(f"{url}/v1/models").json()["models"]}
+        assert cards["good"]["status"] == "ready"
+        for name in ("truncated", "bad-config", "no-tokenizer"):
+            assert cards[name]["status"] == "failed" and cards[name]["error"], cards[name]
+            assert str(repo) not in cards[name]["error"]
+            r = httpx.post(f"{url}/v1/classify", json={"inputs": "stocks fell", "model": name})
+            assert r.status_code == 503 and r.json()["type"] == "model_failed", r.text
+            ready = httpx.get(f"{url}/v2/models/{name}/ready")
+            assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert "missing tokenizer.json" in cards["no-tokenizer"]["error"]
+        health = httpx.get(f"{url}/v2/health/ready")
+        assert health.status_code == 200 and health.json()["failed_models"] == [
+            "bad-config",
+            "no-tokenizer",
+            "truncated",
+        ]
+        assert httpx.post(f"{url}/v1/classify", json={"inputs": "stocks fell"}).status_code == 200
+    log = (tmp_path / "log").read_text()
+    assert "model truncated failed to load" in log
+
+
+def test_api_key_request_ids_and_access_log(models_dir: Path, tmp_path: Path) -> None:
+    """MOE_API_KEY: prediction and model routes need the Bearer key (401 otherwise); health and metrics stay open.
+    Every response carries x-request-id (the client's own when it is plain), and the JSON access log names it."""
+    key = "s3cret-key"
+    log = tmp_path / "log"
+    with run_server(models_dir, log, default_model="tiny", api_key=key, access_log="json", log_level="info") as url:
+        body = {"inputs": "stocks fell"}
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": key}):
+            r = httpx.post(f"{url}/v1/classify", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["type"] == "unauthorized", headers
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v2/models/tiny").status_code == 401
+        for open_path in ("/health", "/v2/health/ready", "/v2/health/live", "/metrics"):
+            assert httpx.get(f"{url}{open_path}").status_code == 200, open_path
+        auth = {"authorization": f"Bearer {key}", "x-request-id": "client-42"}
+        r = httpx.post(f"{url}/v1/classify", json=body, headers=auth)
+        assert r.status_code == 200 and r.headers["x-request-id"] == "client-42"
+        odd = httpx.post(f"{url}/v1/classify", json=body, headers={**auth, "x-request-id": "bad id\\n"})
+        assert odd.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])
+    lines = [json.loads(line.split(" ", 4)[-1]) for line in log.read_text().splitlines() if '"request_id"' in line]
+    mine = [x for x in lines if x["request_id"] == "client-42"]
+    assert mine and mine[0]["status"] == 200 and mine[0]["path"] == "/v1/classify" and mine[0]["model"] == "tiny"
+    assert any(x["status"] == 401 for x in lines)

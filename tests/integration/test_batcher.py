@@ -133,8 +133,11 @@ def test_model_error_fails_its_batch_and_the_worker_lives_on(tiny_model_dir: Pat
         loop = asyncio.get_running_loop()
         bad = PendingRequest(loop, loop.create_future(), 1, time.monotonic() + 30, False)
         worker._admit([WorkItem(bad, 0, [10**6], False, time.monotonic())])
-        with pytest.raises(ServiceError, match="failed on this batch"):
+        with pytest.raises(ServiceError, match="failed on this batch") as failed:
             await bad.future
+        # A 500 whose id names the log line, and no trace or path in what the client sees.
+        err = failed.value
+        assert err.status == 500 and err.headers["x-error-id"] in err.message and "Traceback" not in err.message
         return await worker.classify(["the markets rallied"])
 
     ok = asyncio.run(run())
@@ -150,3 +153,32 @@ def test_stopped_worker_refuses_new_work(tiny_model_dir: Path) -> None:
     with pytest.raises(ServiceError, match="shutting down") as exc:
         asyncio.run(worker.classify(["late request"]))
     assert exc.value.status == 503
+
+
+def test_overload_is_refused_before_tokenizing(tiny_model_dir: Path) -> None:
+    """A request that cannot fit in the queue gets its 429 (with the wait in ms) without a token being computed."""
+    worker = _worker(tiny_model_dir, max_queue_texts=4, max_wait_ms=0)
+    calls: list[int] = []
+    original = worker.backend.tokenizer.encode_batch
+
+    def counting(texts: list[str], max_length: int):
+        calls.append(len(texts))
+        return original(texts, max_length)
+
+    worker.backend.tokenizer.encode_batch = counting  # type: ignore[method-assign]
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(worker.classify(["market news"] * 5))
+    assert refused.value.status == 429 and int(refused.value.headers["retry-after-ms"]) >= 1
+    assert calls == []
+
+
+def test_own_timeout_is_a_request_timeout(tiny_model_dir: Path) -> None:
+    """The request's own timeout_ms passing is 408 (its choice); the server's cap passing stays 504."""
+    worker = _worker(tiny_model_dir, request_timeout_s=30)  # never started: nothing runs, deadlines pass
+    with pytest.raises(ServiceError) as own:
+        asyncio.run(worker.classify(["market news"], timeout_s=0.05))
+    assert own.value.status == 408 and "timeout_ms (50 ms)" in own.value.message
+    capped = _worker(tiny_model_dir, request_timeout_s=0.05)
+    with pytest.raises(ServiceError) as server:
+        asyncio.run(capped.classify(["market news"]))
+    assert server.value.status == 504

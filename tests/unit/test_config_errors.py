@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.errors import STATUS, ErrorKind, queue_full
+from service.errors import STATUS, ErrorKind, deadline_exceeded, queue_full
 
 
 def test_env_prefix_and_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -27,6 +27,10 @@ def test_bad_settings_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_every_error_kind_has_a_status() -> None:
     assert set(STATUS) == set(ErrorKind)
-    err = queue_full("m", 3)
-    assert err.status == 429 and err.headers == {"Retry-After": "3"}
-    assert err.body() == {"error": "model 'm' is at capacity; retry after 3 s", "type": "queue_full"}
+    err = queue_full("m", 2300)
+    assert err.status == 429 and err.headers == {"Retry-After": "3", "retry-after-ms": "2300"}
+    assert err.body() == {"error": "model 'm' is at capacity; retry after 2300 ms", "type": "queue_full"}
+    assert queue_full("m", 4).headers == {"Retry-After": "1", "retry-after-ms": "4"}  # never "0": that means now
+    own = deadline_exceeded("m", 5)
+    assert own.status == 408 and own.body()["type"] == "request_timeout" and own.field == "timeout_ms"
+    assert deadline_exceeded("m").status == 504

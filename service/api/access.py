@@ -1,0 +1,84 @@
+"""Who may call and how each call is traced: request ids, the optional API key, JSON access logs.
+
+A pure ASGI middleware in front of every route:
+- `x-request-id`: a client's own id is kept if it is short and plain (letters, digits, `._-`), otherwise one is
+  made; it is echoed on the response and written in the access log and in the logs of errors.
+- API key (`MOE_API_KEY`): when set, every route except liveness/readiness, the docs and (unless
+  `MOE_METRICS_NEED_KEY`) /metrics needs `Authorization: Bearer <key>`; compared in constant time; 401 otherwise.
+- Access log (`MOE_ACCESS_LOG=json`): one JSON line per request with id, method, path, status, model, duration.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.common import JSON
+from service.config import Settings
+from service.errors import ErrorKind, ServiceError
+
+log = logging.getLogger("moe_serve.access")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+OPEN_PATHS = {"/health", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+
+
+def request_id(scope: Scope) -> str:
+    given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+        self.open = OPEN_PATHS if settings.metrics_need_key else OPEN_PATHS | {"/metrics"}
+        self.json_log = settings.access_log == "json"
+
+    def authorised(self, scope: Scope) -> bool:
+        if self.key is None or scope["path"] in self.open:
+            return True
+        auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = auth.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id(scope)
+        scope.setdefault("state", {})["request_id"] = rid
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        if self.authorised(scope):
+            await self.app(scope, receive, send_with_id)
+        else:
+            err = ServiceError(
+                ErrorKind.UNAUTHORIZED,
+                "missing or wrong API key: send Authorization: Bearer <key>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await JSON(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send_with_id)
+        if self.json_log:
+            line = {
+                "request_id": rid,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "model": scope["state"].get("model", ""),
+                "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
+            }
+            log.info(orjson.dumps(line).decode())
