@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -106,6 +108,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = Engine(settings, metrics)
         app.state.engine = engine
         await asyncio.to_thread(engine.load)  # load + warm up every model before accepting traffic
+        # A dead or hung worker: stop serving (the CLI's server drains what it can; under another runner, SIGTERM)
+        # and exit non-zero (engine.fatal) for the orchestrator to restart the process.
+        stop = getattr(app.state, "stop_server", None) or (lambda: os.kill(os.getpid(), signal.SIGTERM))
+        engine.watch(lambda _: stop())
         yield
         await asyncio.to_thread(engine.stop)
 

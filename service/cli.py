@@ -92,14 +92,23 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
     logging.getLogger().setLevel(settings.log_level.upper())
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    server = uvicorn.Server(config)
+    # A dead or hung worker asks the server to drain and stop; the exit status below then says why.
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)
+    server.run()
+    engine = getattr(app.state, "engine", None)
+    if engine is not None and engine.fatal:
+        print(f"moe-serve serve: stopped: {engine.fatal}", file=sys.stderr)
+        return 3  # non-zero: an orchestrator restarts the process
     return 0
 
 

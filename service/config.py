@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_queue_texts: int = Field(2048, ge=1, description="texts waiting per model before new requests get 429")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request, queue wait included")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="largest request body; larger gets 413")
+    worker_hang_s: float = Field(
+        120.0, gt=0, description="a batch running longer than this marks the model dead and the process exits non-zero"
+    )
     routing_window_s: float = Field(60.0, gt=0, description="length of the recent window in routing statistics")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     api_key: SecretStr | None = Field(

@@ -114,6 +114,7 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
         self.batches_run = 0
         self.ready = False
+        self.busy_since: float | None = None  # monotonic start of the batch running now, for the watchdog
         self._m_queue = metrics.queue_depth.labels(self.name)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -129,6 +130,16 @@ class ModelWorker:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def health_problem(self, hang_s: float) -> str | None:
+        """Why this worker can no longer serve, if it cannot: its inference thread died, or one batch has run for
+        longer than hang_s (a hung kernel or device)."""
+        if self.ready and not self._thread.is_alive():
+            return "inference thread died"
+        started = self.busy_since
+        if started is not None and time.monotonic() - started > hang_s:
+            return f"one batch has run for more than {hang_s:g} s"
+        return None
 
     @property
     def queued_texts(self) -> int:
@@ -225,6 +236,7 @@ class ModelWorker:
             batch = self._cut_batch()
             self._m_queue.set(len(self._queue))
         if batch:
+            self.busy_since = time.monotonic()
             try:
                 self._execute(batch)
             except Exception:
@@ -233,6 +245,8 @@ class ModelWorker:
                 log.exception("model %s: batch of %d texts failed (error id %s)", self.name, len(batch), error_id)
                 message = f"model {self.name!r} failed on this batch (error id {error_id})"
                 self._fail(batch, ServiceError(ErrorKind.INTERNAL, message, headers={"x-error-id": error_id}))
+            finally:
+                self.busy_since = None
         return True
 
     def _wait_for_more(self) -> None:

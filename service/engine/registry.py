@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +39,8 @@ class Engine:
         self.metrics = metrics
         self.workers: dict[str, ModelWorker] = {}
         self.failed: dict[str, str] = {}  # model name -> why it could not be loaded (no internal paths)
+        self.fatal: str | None = None  # set when a worker died or hung: the process must be restarted
+        self._watchdog = threading.Event()
         # Tokenization runs here, off the event loop; HF tokenizers releases the GIL while it works.
         self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         metrics.watch_routing(lambda: [(n, w.stats) for n, w in self.workers.items()])
@@ -85,7 +89,26 @@ class Engine:
             raise ServiceError(ErrorKind.MODEL_NOT_READY, f"model {name!r} is not ready")
         return worker
 
+    def watch(self, on_fatal: Callable[[str], None], every_s: float = 1.0) -> threading.Thread:
+        """Watchdog: a worker whose inference thread died or hung makes the model unready and calls on_fatal once
+        (the server then stops and exits non-zero, so an orchestrator restarts it)."""
+
+        def loop() -> None:
+            while not self._watchdog.wait(every_s):
+                for w in self.workers.values():
+                    problem = w.health_problem(self.settings.worker_hang_s)
+                    if problem and self.fatal is None:
+                        w.ready = False
+                        self.fatal = f"model {w.name}: {problem}"
+                        log.critical("%s; stopping so that the process is restarted", self.fatal)
+                        on_fatal(self.fatal)
+
+        thread = threading.Thread(target=loop, name="watchdog", daemon=True)
+        thread.start()
+        return thread
+
     def stop(self) -> None:
+        self._watchdog.set()
         for w in self.workers.values():
             w.stop()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)

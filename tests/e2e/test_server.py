@@ -440,3 +440,59 @@ def test_api_key_request_ids_and_access_log(models_dir: Path, tmp_path: Path) ->
     mine = [x for x in lines if x["request_id"] == "client-42"]
     assert mine and mine[0]["status"] == 200 and mine[0]["path"] == "/v1/classify" and mine[0]["model"] == "tiny"
     assert any(x["status"] == 401 for x in lines)
+
+
+def test_hung_worker_makes_the_process_exit_non_zero(tmp_path: Path) -> None:
+    """A batch that runs past MOE_WORKER_HANG_S (here: the MiniLM model on 64 long texts against a 0.3 s limit)
+    counts as a hung worker: the model turns unready, requests are drained, and the process exits with 3 so an
+    orchestrator restarts it."""
+    import contextlib
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from service.bench.served import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "MOE_MODELS_DIR": str(Path(__file__).resolve().parents[2] / "models"),
+        "MOE_MODELS": "bbc-news-minilm-moe",
+        "MOE_BACKEND": "torch",
+        "MOE_PRECISION": "fp32",
+        "MOE_PORT": str(port),
+        "MOE_WORKER_HANG_S": "0.3",
+        "MOE_LOG_LEVEL": "warning",
+    }
+    log = tmp_path / "log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        long_texts = [" ".join(["the market fell as shares slid"] * 60)] * 64
+        with contextlib.suppress(httpx.HTTPError):  # the server may close the connection while it stops
+            httpx.post(f"{url}/v1/classify", json={"inputs": long_texts}, timeout=30)
+        assert proc.wait(60) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "one batch has run for more than 0.3 s" in text and "stopped: model bbc-news-minilm-moe" in text
+
+
+def test_model_names_cannot_reach_outside_the_repository(server: str) -> None:
+    """Model names only ever select folders found in the repository at start: paths are unknown models."""
+    for name in ("../tiny", "..%2F..%2Fetc%2Fpasswd", "/etc/passwd", "tiny/../tiny-b"):
+        r = httpx.post(f"{server}/v1/classify", json={"inputs": "x", "model": name})
+        assert r.status_code == 404 and r.json()["type"] == "model_not_found", (name, r.text)
+        assert "/" not in r.json()["error"].split("available:")[1]
+    assert httpx.get(f"{server}/v1/models/..%2F..%2Fetc%2Fpasswd").status_code == 404
