@@ -169,5 +169,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSON({"status": "ok"})
 
     app.add_middleware(BodyLimitAndMetrics, settings=settings, metrics=metrics)
-    app.add_middleware(RequestContext, settings=settings)  # outermost: ids and auth before any body is read
+    # Outermost: ids, draining and auth before any body is read.
+    app.add_middleware(RequestContext, settings=settings, state=app.state)
     return app

@@ -84,27 +84,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
     from service.config import Settings
+    from service.server import serve
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
     logging.getLogger().setLevel(settings.log_level.upper())
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
-    # A dead or hung worker asks the server to drain and stop; the exit status below then says why.
-    app.state.stop_server = lambda: setattr(server, "should_exit", True)
-    server.run()
+    serve(app, settings.host, settings.port, settings.log_level, settings.shutdown_drain_s, settings.shutdown_grace_s)
     engine = getattr(app.state, "engine", None)
     if engine is not None and engine.fatal:
         print(f"moe-serve serve: stopped: {engine.fatal}", file=sys.stderr)

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     worker_hang_s: float = Field(
         120.0, gt=0, description="a batch running longer than this marks the model dead and the process exits non-zero"
     )
+    shutdown_drain_s: float = Field(
+        2.0, ge=0, description="on SIGTERM: keep accepting this long, answering 503 (Connection: close), then stop"
+    )
+    shutdown_grace_s: float = Field(10.0, ge=0, description="then: how long requests in flight may take to finish")
     routing_window_s: float = Field(60.0, gt=0, description="length of the recent window in routing statistics")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     api_key: SecretStr | None = Field(

@@ -23,6 +23,7 @@ class ErrorKind(str, Enum):
     MODEL_FAILED = "model_failed"
     CLIENT_GONE = "client_disconnected"
     UNAUTHORIZED = "unauthorized"
+    SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
 
@@ -39,6 +40,7 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.MODEL_FAILED: 503,  # the model's folder could not be loaded; the other models serve
     ErrorKind.CLIENT_GONE: 499,  # never sent (nobody is listening); counted in metrics under this reason
     ErrorKind.UNAUTHORIZED: 401,
+    ErrorKind.SHUTTING_DOWN: 503,
     ErrorKind.INTERNAL: 500,
 }
 

@@ -6,6 +6,7 @@ A pure ASGI middleware in front of every route:
 - API key (`MOE_API_KEY`): when set, every route except liveness/readiness, the docs and (unless
   `MOE_METRICS_NEED_KEY`) /metrics needs `Authorization: Bearer <key>`; compared in constant time; 401 otherwise.
 - Access log (`MOE_ACCESS_LOG=json`): one JSON line per request with id, method, path, status, model, duration.
+- Draining (after SIGTERM, service/server.py): every request but health and metrics gets 503 + Connection: close.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +28,7 @@ from service.errors import ErrorKind, ServiceError
 log = logging.getLogger("moe_serve.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 OPEN_PATHS = {"/health", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+DRAIN_OPEN = {"/health", "/v2/health/live", "/v2/health/ready", "/metrics"}  # still answered while draining
 
 
 def request_id(scope: Scope) -> str:
@@ -34,8 +37,9 @@ def request_id(scope: Scope) -> str:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, state: Any = None) -> None:
         self.app = app
+        self.state = state  # the app's state; `draining` is set by the server on SIGTERM (service/server.py)
         self.key = settings.api_key.get_secret_value().encode() if settings.api_key else None
         self.open = OPEN_PATHS if settings.metrics_need_key else OPEN_PATHS | {"/metrics"}
         self.json_log = settings.access_log == "json"
@@ -63,7 +67,15 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
-        if self.authorised(scope):
+        if getattr(self.state, "draining", False) and scope["path"] not in DRAIN_OPEN:
+            # Shutting down: answer, and close the connection so the client goes elsewhere.
+            err = ServiceError(
+                ErrorKind.SHUTTING_DOWN,
+                "the server is shutting down; retry on another instance",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+            await JSON(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send_with_id)
+        elif self.authorised(scope):
             await self.app(scope, receive, send_with_id)
         else:
             err = ServiceError(

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from service.bench.served import free_port
 from service.modeling.artifacts import load_model
 from service.training.data import load_dataset
 from service.training.evaluate import predict_ids
@@ -442,41 +449,40 @@ def test_api_key_request_ids_and_access_log(models_dir: Path, tmp_path: Path) ->
     assert any(x["status"] == 401 for x in lines)
 
 
+def _spawn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """A `moe-serve serve` process this test controls (signals, exit status); returns once it is ready."""
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"],
+            env={**os.environ, "MOE_PORT": str(port), "MOE_LOG_LEVEL": "warning", **env},
+            stdout=out,
+            stderr=out,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return proc, url
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server not ready: {log.read_text()[-2000:]}")
+
+
 def test_hung_worker_makes_the_process_exit_non_zero(tmp_path: Path) -> None:
     """A batch that runs past MOE_WORKER_HANG_S (here: the MiniLM model on 64 long texts against a 0.3 s limit)
     counts as a hung worker: the model turns unready, requests are drained, and the process exits with 3 so an
     orchestrator restarts it."""
-    import contextlib
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from service.bench.served import free_port
-
-    port = free_port()
     env = {
-        **os.environ,
         "MOE_MODELS_DIR": str(Path(__file__).resolve().parents[2] / "models"),
         "MOE_MODELS": "bbc-news-minilm-moe",
         "MOE_BACKEND": "torch",
         "MOE_PRECISION": "fp32",
-        "MOE_PORT": str(port),
         "MOE_WORKER_HANG_S": "0.3",
-        "MOE_LOG_LEVEL": "warning",
     }
-    log = tmp_path / "log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _spawn(env, tmp_path / "log")
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
         long_texts = [" ".join(["the market fell as shares slid"] * 60)] * 64
         with contextlib.suppress(httpx.HTTPError):  # the server may close the connection while it stops
             httpx.post(f"{url}/v1/classify", json={"inputs": long_texts}, timeout=30)
@@ -485,8 +491,51 @@ def test_hung_worker_makes_the_process_exit_non_zero(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    text = log.read_text()
+    text = (tmp_path / "log").read_text()
     assert "one batch has run for more than 0.3 s" in text and "stopped: model bbc-news-minilm-moe" in text
+
+
+def test_sigterm_under_load_leaves_no_accepted_connection_unanswered(models_dir: Path, tmp_path: Path) -> None:
+    """A burst of one-request connections, SIGTERM in the middle. The client behaves as a load balancer does: once
+    the instance answers 503 (draining), it opens no new connection to it. Every connection opened before that gets
+    an HTTP answer (200, or 503 while the server drains), none is reset; the process then exits 0."""
+    env = {"MOE_MODELS_DIR": str(models_dir), "MOE_DEFAULT_MODEL": "tiny", "MOE_SHUTDOWN_DRAIN_S": "1.5"}
+    proc, url = _spawn(env, tmp_path / "log")
+    outcomes: Counter = Counter()
+    slots = asyncio.Semaphore(128)
+    marked_down = False
+
+    async def one(client: httpx.AsyncClient) -> None:
+        nonlocal marked_down
+        async with slots:
+            if marked_down:
+                outcomes["not sent"] += 1
+                return
+            try:
+                r = await client.post("/v1/classify", json={"inputs": "shares rose after profits beat forecasts"})
+                outcomes[r.status_code] += 1
+                marked_down |= r.status_code == 503
+            except httpx.TransportError as exc:  # refused, reset or closed after the connection was opened
+                outcomes[f"lost: {type(exc).__name__}"] += 1
+
+    async def burst() -> None:
+        limits = httpx.Limits(max_connections=128, max_keepalive_connections=0)  # a new connection per request
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+            tasks = [asyncio.create_task(one(client)) for _ in range(600)]
+            while outcomes[200] < 50 and not all(t.done() for t in tasks):  # mid-burst: answers flowing
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(burst())
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert set(outcomes) <= {200, 503, "not sent"}, outcomes  # nothing lost
+    assert outcomes[200] >= 50 and outcomes[503] > 0, outcomes
 
 
 def test_model_names_cannot_reach_outside_the_repository(server: str) -> None:
