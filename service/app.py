@@ -152,7 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Errors raised by the framework itself: unknown route, wrong method, streamed body over the limit.
         kind = FRAMEWORK_ERRORS.get(exc.status_code)
         if kind is not None and kind is not ErrorKind.NOT_FOUND:
-            return failure(request, ServiceError(kind, str(exc.detail)))
+            message = "request body could not be decoded as UTF-8 JSON" if exc.status_code == 400 else str(exc.detail)
+            return failure(request, ServiceError(kind, message, field="body" if exc.status_code == 400 else None))
         body = {"error": str(exc.detail), "type": kind.value if kind else "http_error"}
         return JSON(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -160,7 +161,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def on_disconnect(request: Request, exc: ClientDisconnected) -> JSON:
         return JSON({"error": "client disconnected", "type": ErrorKind.CLIENT_GONE.value}, status_code=499)
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+    )
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 

@@ -45,7 +45,11 @@ STATUS: dict[ErrorKind, int] = {
 }
 
 # Statuses raised by the web framework itself (unknown route, streamed body over the limit) -> our error kinds.
-FRAMEWORK_ERRORS: dict[int, ErrorKind] = {404: ErrorKind.NOT_FOUND, 413: ErrorKind.PAYLOAD_TOO_LARGE}
+FRAMEWORK_ERRORS: dict[int, ErrorKind] = {
+    400: ErrorKind.VALIDATION,  # a body FastAPI cannot even decode (not UTF-8): a validation error like bad JSON
+    404: ErrorKind.NOT_FOUND,
+    413: ErrorKind.PAYLOAD_TOO_LARGE,
+}
 
 
 class ServiceError(Exception):

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
+
+# A text to classify: the schema says what the code checks (not empty, not only whitespace); the code keeps its
+# own clearer message, naming the text by index.
+Text = Annotated[StrictStr, WithJsonSchema({"type": "string", "minLength": 1, "pattern": "\\S"})]
+
+
+def _whole(v: object) -> object:
+    """JSON Schema's integer includes 5.0: accept a float with no fraction, as the documented schema does; strings,
+    booleans and 5.5 stay errors."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+PositiveWhole = Annotated[StrictInt, Field(ge=1), BeforeValidator(_whole)]
 
 
 class _Body(BaseModel):
@@ -13,8 +26,8 @@ class _Body(BaseModel):
 
 class ClassifyRequest(BaseModel):
     model: StrictStr | None = Field(None, description="model name; default: the server's default model")
-    inputs: StrictStr | list[StrictStr] = Field(..., description="one text or a list of texts")
-    top_k: StrictInt | None = Field(None, ge=1, description="return only the k best labels (default: all)")
+    inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(..., description="one text or a list of texts")
+    top_k: PositiveWhole | None = Field(None, description="return only the k best labels (default: all)")
     truncate: StrictBool = Field(True, description="cut texts longer than the model's maximum instead of a 422")
     raw_scores: StrictBool = Field(
         False,
@@ -22,7 +35,7 @@ class ClassifyRequest(BaseModel):
         "probabilities",
     )
     return_routing: StrictBool = Field(False, description="return the experts each token was routed to")
-    timeout_ms: StrictInt | None = Field(None, ge=1, description="deadline for this request (capped by the server)")
+    timeout_ms: PositiveWhole | None = Field(None, description="deadline for this request (capped by the server)")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -76,22 +89,22 @@ class ErrorBody(BaseModel):
 
 
 class InferTensor(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
+    name: Literal["text"]
+    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=2)]
+    datatype: Literal["BYTES"]
     parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None
+    data: Annotated[list[Text], Field(min_length=1)] | None = None
 
 
 class InferRequestedOutput(BaseModel):
-    name: str
+    name: Literal["label", "probabilities"]
     parameters: dict[str, Any] | None = None
 
 
 class InferRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[InferTensor]
+    inputs: Annotated[list[InferTensor], Field(min_length=1, max_length=1)]  # exactly one tensor of texts
     outputs: list[InferRequestedOutput] | None = None
 
 

@@ -17,7 +17,9 @@ from service.errors import ErrorKind, ServiceError
 from service.modeling.layout import EVAL_FILE
 
 router = APIRouter(prefix="/v1", tags=["v1"])
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (404, 413, 422, 429, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody} for s in (401, 404, 408, 413, 422, 429, 500, 503, 504)
+}
 TOP_EXPERTS = 3
 
 

@@ -157,6 +157,24 @@ async def model_ready(model: str, request: Request) -> JSON:
     return JSON({"name": w.name, "ready": w.ready}, status_code=200 if w.ready else 503)
 
 
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with its local $defs references replaced by the definitions: a body parsed by hand registers no
+    components, and a '#/$defs/...' reference would not resolve from the root of the OpenAPI document."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
 @router.post(
     "/models/{model}/infer",
     response_model=InferResponse,
@@ -164,11 +182,10 @@ async def model_ready(model: str, request: Request) -> JSON:
     summary="Inference",
     openapi_extra={
         "requestBody": {
-            "content": {
-                "application/json": {
-                    "schema": InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-                }
-            }
+            "required": True,
+            # Self-contained ($defs inside): the body is parsed by hand (JSON or binary), so FastAPI registers none
+            # of its parts as components.
+            "content": {"application/json": {"schema": _inlined(InferRequest.model_json_schema())}},
         }
     },
 )
