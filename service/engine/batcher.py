@@ -88,6 +88,34 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+def cut_batch(items: list[WorkItem], max_texts: int, max_tokens: int) -> tuple[list[WorkItem], list[WorkItem]]:
+    """The batching policy, pure: from `items` (oldest first) take the oldest and the texts closest to it in
+    length while (texts x longest) stays within max_tokens and texts within max_texts; the oldest always goes,
+    so nothing starves. Returns (batch, rest), each in the order of `items`."""
+    if not items:
+        return [], []
+    lengths = [len(it.ids) for it in items]
+    order = sorted(range(len(items)), key=lambda i: (lengths[i], i))
+    lo = hi = order.index(0)  # the oldest text
+    longest = lengths[0]
+    while hi - lo + 1 < max_texts:
+        options = []
+        if lo > 0:
+            options.append(lo - 1)
+        if hi < len(order) - 1:
+            options.append(hi + 1)
+        options.sort(key=lambda j: abs(lengths[order[j]] - lengths[0]))
+        for j in options:
+            new_longest = max(longest, lengths[order[j]])
+            if (hi - lo + 2) * new_longest <= max_tokens:
+                lo, hi, longest = min(lo, j), max(hi, j), new_longest
+                break
+        else:
+            break
+    chosen = set(order[lo : hi + 1])
+    return [it for i, it in enumerate(items) if i in chosen], [it for i, it in enumerate(items) if i not in chosen]
+
+
 class ModelWorker:
     def __init__(
         self,
@@ -287,28 +315,7 @@ class ModelWorker:
                 window.append(item)
         if not window:
             return []
-        lengths = [len(it.ids) for it in window]
-        order = sorted(range(len(window)), key=lambda i: (lengths[i], i))
-        lo = hi = order.index(0)  # the oldest text
-        longest = lengths[0]
-        max_n, budget = self.settings.max_batch_size, self.max_batch_tokens
-        while hi - lo + 1 < max_n:
-            options = []
-            if lo > 0:
-                options.append(lo - 1)
-            if hi < len(order) - 1:
-                options.append(hi + 1)
-            options.sort(key=lambda j: abs(lengths[order[j]] - lengths[0]))
-            for j in options:
-                new_longest = max(longest, lengths[order[j]])
-                if (hi - lo + 2) * new_longest <= budget:
-                    lo, hi, longest = min(lo, j), max(hi, j), new_longest
-                    break
-            else:
-                break
-        chosen = set(order[lo : hi + 1])
-        batch = [window[i] for i in range(len(window)) if i in chosen]
-        rest = [window[i] for i in range(len(window)) if i not in chosen]
+        batch, rest = cut_batch(window, self.settings.max_batch_size, self.max_batch_tokens)
         self._queue.extendleft(reversed(rest))
         self._queued_tokens += sum(len(it.ids) for it in rest)
         return batch
