@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -14,7 +13,6 @@ from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody
 from service.engine.batcher import ModelWorker, TextResult
 from service.engine.registry import Engine
 from service.errors import ErrorKind, ServiceError
-from service.modeling.layout import EVAL_FILE
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -90,24 +88,14 @@ async def classify(body: ClassifyRequest, request: Request) -> JSON:
     request.state.model = worker.name
     texts = validate_texts(body.inputs, engine.settings.max_client_batch_size)
     timeout = body.timeout_ms / 1000 if body.timeout_ms else None
-    result = await unless_disconnected(request, worker.classify(texts, body.truncate, body.return_routing, timeout))
+    work = worker.classify(texts, truncate=body.truncate, return_routing=body.return_routing, timeout_s=timeout)
+    result = await unless_disconnected(request, work)
     preds = [prediction(worker, r, body.top_k, body.raw_scores) for r in result.results]
-    worker.metrics.texts.labels(worker.name).inc(len(texts))
-    n_trunc = sum(r.truncated for r in result.results)
-    if n_trunc:
-        worker.metrics.truncated.labels(worker.name).inc(n_trunc)
     return JSON({"model": worker.name, "predictions": preds}, headers=timing_headers(result, time.perf_counter() - t0))
 
 
 def model_card(worker: ModelWorker) -> dict[str, Any]:
     info = worker.info
-    evaluation = None
-    eval_file = info.path / EVAL_FILE
-    if eval_file.is_file():
-        rep = json.loads(eval_file.read_text())
-        evaluation = {k: rep.get(k) for k in ("dataset", "split", "examples", "accuracy", "macro_f1", "roc_auc")}
-        evaluation["headline_macro_f1"] = (rep.get("headline") or {}).get("macro_f1")
-        evaluation["ece"] = (rep.get("calibration") or {}).get("ece")
     a = info.architecture
     return {
         "name": info.name,
@@ -134,7 +122,7 @@ def model_card(worker: ModelWorker) -> dict[str, Any]:
         "precision": worker.info.precision,
         "device": worker.backend.device,
         "base": info.training.get("base"),  # the pretrained encoder it was converted from, if any
-        "eval": evaluation,
+        "eval": worker.evaluation,  # read once when the model was loaded
         "status": "ready" if worker.ready else "loading",
         "queue_texts": worker.queued_texts,
     }

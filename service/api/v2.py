@@ -218,7 +218,6 @@ async def infer(model: str, request: Request) -> JSON:
             "data": probs.reshape(-1).tolist(),
         },
     }
-    worker.metrics.texts.labels(worker.name).inc(len(texts))
     body = {"model_name": worker.name, "model_version": "1", "outputs": [tensors[n] for n in wanted]}
     if req.id is not None:
         body["id"] = req.id

@@ -143,6 +143,7 @@ class ModelWorker:
         self.batches_run = 0
         self.ready = False
         self.busy_since: float | None = None  # monotonic start of the batch running now, for the watchdog
+        self.evaluation: dict | None = None  # eval.json's headline figures, read once at load (registry)
         self._m_queue = metrics.queue_depth.labels(self.name)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ class ModelWorker:
 
     # -- event-loop side -----------------------------------------------------------------------------------------
     async def classify(
-        self, texts: list[str], truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
+        self, texts: list[str], *, truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
     ) -> ClassifyResult:
         loop = asyncio.get_running_loop()
         timeout_s = (
@@ -216,6 +217,11 @@ class ModelWorker:
             req.future.cancel()  # a late result or error from the inference thread then goes nowhere, quietly
             raise deadline_exceeded(self.name, own_ms)
         results = req.future.result()
+        # Counted here, once, for every API that classifies (/v1 and /v2 alike).
+        self.metrics.texts.labels(self.name).inc(len(texts))
+        truncated = sum(r.truncated for r in results)
+        if truncated:
+            self.metrics.truncated.labels(self.name).inc(truncated)
         return ClassifyResult(results, tokenization_s, req.queue_s, req.inference_s)
 
     def _check_room(self, n: int) -> None:

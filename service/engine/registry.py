@@ -14,7 +14,7 @@ from service.config import Settings
 from service.engine.batcher import ModelWorker
 from service.errors import ErrorKind, ServiceError, model_not_found
 from service.metrics import Metrics
-from service.modeling.layout import CONFIG_FILE, ROUTING_PROFILE_FILE
+from service.modeling.layout import CONFIG_FILE, EVAL_FILE, ROUTING_PROFILE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class Engine:
         profile_file = path / ROUTING_PROFILE_FILE
         profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
         worker = ModelWorker(backend, s, self.metrics, self.tokenize_pool, profile)
+        worker.evaluation = eval_summary(path)
         worker.start()
         self.workers[worker.name] = worker
         self.metrics.model_info.labels(worker.name, backend.kind, backend.device, backend.info.precision).set(1)
@@ -120,3 +121,15 @@ def _public_message(exc: Exception, models_dir: Path) -> str:
     for root in {str(models_dir.resolve()), str(models_dir)}:
         text = text.replace(root + "/", "").replace(root, "")
     return f"{type(exc).__name__}: {text}"[:500]
+
+
+def eval_summary(path: Path) -> dict | None:
+    """The headline figures of the folder's eval.json, for /v1/models (read once, at load)."""
+    eval_file = path / EVAL_FILE
+    if not eval_file.is_file():
+        return None
+    rep = json.loads(eval_file.read_text())
+    summary = {k: rep.get(k) for k in ("dataset", "split", "examples", "accuracy", "macro_f1", "roc_auc")}
+    summary["headline_macro_f1"] = (rep.get("headline") or {}).get("macro_f1")
+    summary["ece"] = (rep.get("calibration") or {}).get("ece")
+    return summary

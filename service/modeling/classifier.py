@@ -59,8 +59,8 @@ class PackedBatch:
 @dataclass
 class ClassifierOutput:
     logits: torch.Tensor  # [B, num_labels]
-    aux_loss: torch.Tensor  # summed load-balancing loss over MoE layers
-    z_loss: torch.Tensor  # summed router z-loss over MoE layers
+    aux_loss: torch.Tensor  # summed load-balancing loss over MoE layers (0 outside training)
+    z_loss: torch.Tensor  # summed router z-loss over MoE layers (0 outside training)
     routing: list[RouterOutput] = field(default_factory=list)  # one per MoE layer, over the packed tokens
     packed: PackedBatch | None = None
 
@@ -212,9 +212,10 @@ class MoEClassifier(nn.Module):
         no routing is reported then."""
         h, packed, routing = self.encode(input_ids, attention_mask, per_sequence_experts)
         logits = self.head(self.pool(h, packed))
-        zero = logits.new_zeros(())
-        aux = sum((load_balancing_loss(r, self.config.num_experts) for r in routing), zero)
-        z = sum((router_z_loss(r) for r in routing), zero)
+        aux = z = logits.new_zeros(())
+        if self.training:  # the routing losses are training's business: serving does not pay for them
+            aux = sum((load_balancing_loss(r, self.config.num_experts) for r in routing), aux)
+            z = sum((router_z_loss(r) for r in routing), z)
         return ClassifierOutput(logits=logits, aux_loss=aux, z_loss=z, routing=routing, packed=packed)
 
     @staticmethod

@@ -545,3 +545,27 @@ def test_model_names_cannot_reach_outside_the_repository(server: str) -> None:
         assert r.status_code == 404 and r.json()["type"] == "model_not_found", (name, r.text)
         assert "/" not in r.json()["error"].split("available:")[1]
     assert httpx.get(f"{server}/v1/models/..%2F..%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_v1_and_v2_count_texts_and_truncations_alike(server: str) -> None:
+    """Text and truncation counters live in the engine: both APIs count the same way (v2 used to skip truncations)."""
+    long_text = "the market rallied " * 100  # over the tiny model's 64 tokens
+
+    def counts() -> tuple[float, float]:
+        text = httpx.get(f"{server}/metrics").text
+        return (
+            _metric(text, "moe_texts_total", model="tiny"),
+            _metric(text, "moe_texts_truncated_total", model="tiny"),
+        )
+
+    for send in (
+        lambda: httpx.post(f"{server}/v1/classify", json={"inputs": [long_text, "short"], "model": "tiny"}),
+        lambda: httpx.post(
+            f"{server}/v2/models/tiny/infer",
+            json={"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": [long_text, "short"]}]},
+        ),
+    ):
+        texts0, trunc0 = counts()
+        assert send().status_code == 200
+        texts1, trunc1 = counts()
+        assert (texts1 - texts0, trunc1 - trunc0) == (2, 1)
