@@ -21,7 +21,7 @@ from service.api import v1, v2
 from service.api.access import RequestContext
 from service.api.common import JSON, ClientDisconnected
 from service.config import Settings
-from service.engine.registry import Engine
+from service.engine.registry import BackendLoader, Engine
 from service.errors import FRAMEWORK_ERRORS, ErrorKind, ServiceError
 from service.metrics import CONTENT_TYPE, Metrics
 
@@ -99,13 +99,15 @@ def _field(loc: tuple) -> str:
     return out or "body"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, loader: BackendLoader | None = None) -> FastAPI:
+    """The app. `loader` turns a model folder into a backend (default: the real ones, per the settings); the fast
+    API tests pass a fake."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = Engine(settings, metrics)
+        engine = Engine(settings, metrics, loader)
         app.state.engine = engine
         await asyncio.to_thread(engine.load)  # load + warm up every model before accepting traffic
         # A dead or hung worker: stop serving (the CLI's server drains what it can; under another runner, SIGTERM)

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from service.backends import load_backend
+from service.backends.base import Backend
 from service.config import Settings
 from service.engine.batcher import ModelWorker
 from service.errors import ErrorKind, ServiceError, model_not_found
@@ -33,10 +34,15 @@ def discover_models(models_dir: Path, only: list[str] | None = None) -> list[Pat
     return found
 
 
+BackendLoader = Callable[[Path], Backend]
+
+
 class Engine:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, loader: BackendLoader | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        # How a model folder becomes a backend: load_backend with the settings; tests may pass a fake.
+        self.loader = loader or self._load_backend
         self.workers: dict[str, ModelWorker] = {}
         self.failed: dict[str, str] = {}  # model name -> why it could not be loaded (no internal paths)
         self.fatal: str | None = None  # set when a worker died or hung: the process must be restarted
@@ -62,9 +68,13 @@ class Engine:
         if s.default_model and s.default_model not in names:
             raise FileNotFoundError(f"default model {s.default_model!r} is not among {', '.join(names)}")
 
+    def _load_backend(self, path: Path) -> Backend:
+        s = self.settings
+        return load_backend(path, s.device, s.backend, s.threads, s.precision)
+
     def _load_one(self, path: Path) -> None:
         s = self.settings
-        backend = load_backend(path, s.device, s.backend, s.threads, s.precision)
+        backend = self.loader(path)
         profile_file = path / ROUTING_PROFILE_FILE
         profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
         worker = ModelWorker(backend, s, self.metrics, self.tokenize_pool, profile)

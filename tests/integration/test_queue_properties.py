@@ -6,50 +6,15 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.backends.base import Backend, BatchOutput, ModelInfo
 from service.config import Settings
 from service.engine.batcher import ModelWorker
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.modeling.tokenizer import Encoded
-
-
-class FakeTokenizer:
-    pad_id = 0
-
-    def encode_batch(self, texts: list[str], max_length: int) -> list[Encoded]:
-        return [Encoded([1 + ord(c) % 50 for c in t][:max_length] or [1], max(len(t), 1)) for t in texts]
-
-
-class FakeBackend(Backend):
-    """Logits that depend only on the text's own ids: batched and unbatched answers must agree exactly."""
-
-    kind, device = "fake", "cpu"
-
-    def __init__(self) -> None:
-        self.tokenizer = FakeTokenizer()  # type: ignore[assignment]
-        self.info = ModelInfo("fake", Path("."), ["a", "b", "c"], 64, 4, 2, 1, 1, {})
-        self.calls = 0
-
-    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
-        self.calls += 1
-        logits = np.array([[sum(s), len(s), s[0]] for s in sequences], dtype=np.float32)
-        return BatchOutput(logits, np.zeros((1, 4), dtype=np.int64))
-
-    def warmup(self) -> None:
-        pass
-
-
-def expected(text: str) -> list[float]:
-    ids = FakeTokenizer().encode_batch([text], 64)[0].ids
-    return [float(sum(ids)), float(len(ids)), float(ids[0])]
-
+from tests.fakes import FakeBackend, expected_logits
 
 requests = st.lists(
     st.tuples(
@@ -99,5 +64,5 @@ def test_every_request_resolved_once_and_equal_to_unbatched(reqs: list, max_batc
                 assert action == "timeout" and isinstance(out, ServiceError) and out.status == 408, out
             continue
         assert action != "timeout"  # a microsecond deadline cannot be met
-        assert [r.logits.tolist() for r in out.results] == [expected(t) for t in texts]
+        assert [r.logits.tolist() for r in out.results] == [expected_logits(t) for t in texts]
     assert worker.queued_texts == 0

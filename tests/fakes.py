@@ -1,0 +1,56 @@
+"""A numpy fake backend for fast tests of the engine and the API (no torch, no weights). Its logits depend only on a
+text's own ids, so batched and unbatched answers agree exactly; it can be made slow to test deadlines and overload."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.backends.base import Backend, BatchOutput, LayerRouting, ModelInfo
+from service.modeling.tokenizer import Encoded
+
+LABELS = ["business", "sport", "tech"]
+
+
+class FakeTokenizer:
+    pad_id = 0
+
+    def __init__(self) -> None:
+        self.tokenizer = self  # the API reads token strings through .tokenizer, as from an HF tokenizer
+
+    def id_to_token(self, i: int) -> str:
+        return f"t{i}"
+
+    def encode_batch(self, texts: list[str], max_length: int) -> list[Encoded]:
+        return [Encoded([1 + ord(c) % 50 for c in t][:max_length] or [1], max(len(t), 1)) for t in texts]
+
+
+class FakeBackend(Backend):
+    kind, device = "fake", "cpu"
+
+    def __init__(self, name: str = "fake", delay_s: float = 0.0, max_length: int = 64) -> None:
+        self.tokenizer = FakeTokenizer()  # type: ignore[assignment]
+        arch = {"d_model": 8, "d_ff": 16, "n_heads": 2, "attention": True, "moe_every": 1, "vocab_size": 64}
+        self.info = ModelInfo(name, Path(name), LABELS, max_length, 4, 2, 1, 1, arch)
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
+        self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        logits = np.array([[sum(s) % 7, len(s) % 5, s[0] % 3] for s in sequences], dtype=np.float32)
+        tokens = sum(len(s) for s in sequences)
+        experts = np.stack([np.arange(tokens) % 4, (np.arange(tokens) + 1) % 4], axis=1)
+        routing = [LayerRouting(experts, np.full((tokens, 2), 0.5, dtype=np.float32))] if return_routing else None
+        return BatchOutput(logits, np.bincount(experts.reshape(-1), minlength=4)[None, :].astype(np.int64), routing)
+
+    def warmup(self) -> None:
+        pass
+
+
+def expected_logits(text: str) -> list[float]:
+    ids = FakeTokenizer().encode_batch([text], 64)[0].ids
+    return [float(sum(ids) % 7), float(len(ids) % 5), float(ids[0] % 3)]

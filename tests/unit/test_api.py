@@ -1,0 +1,142 @@
+"""The API in-process: the real app (routes, middleware, error table, batcher) over a numpy fake backend, driven
+through httpx (Starlette's TestClient runs the lifespan). Milliseconds per test; the end-to-end tier
+(tests/e2e) checks the same behaviour against a real uvicorn process and real models."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from tests.fakes import LABELS, FakeBackend, expected_logits
+
+
+def _repo(tmp_path: Path, *names: str) -> Path:
+    for name in names:
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text("{}")  # discovered; the fake loader reads nothing
+    return tmp_path
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Iterator:
+    clients: list[TestClient] = []
+
+    def make(delay_s: float = 0.0, broken: tuple[str, ...] = (), **settings: object) -> TestClient:
+        def loader(path: Path) -> FakeBackend:
+            if path.name in broken:
+                raise ValueError(f"{path}/model.safetensors: truncated")
+            return FakeBackend(path.name, delay_s)
+
+        repo = _repo(tmp_path / f"repo{len(clients)}", "alpha", "beta", *broken)
+        app = create_app(Settings(models_dir=repo, default_model="alpha", **settings), loader)  # type: ignore[arg-type]
+        client = TestClient(app).__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+def test_classify_answers_with_scores_timings_and_request_id(make_client) -> None:
+    client = make_client()
+    r = client.post("/v1/classify", json={"inputs": ["shares rose", "a goal"], "return_routing": True, "top_k": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "alpha" and len(body["predictions"]) == 2
+    for text, p in zip(["shares rose", "a goal"], body["predictions"], strict=True):
+        best = LABELS[max(range(3), key=lambda i: expected_logits(text)[i])]
+        assert p["label"] == best and len(p["scores"]) == 2
+        assert p["routing"]["tokens"][0].startswith("t") and len(p["routing"]["layers"]) == 1
+    assert {"x-queue-time", "x-inference-time", "x-total-time", "x-request-id"} <= set(r.headers)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"inputs": []}, "inputs"),
+        ({"inputs": ["ok", "   "]}, "inputs[1]"),
+        ({"inputs": "x", "top_k": 0}, "top_k"),
+        ({"inputs": "x", "top_k": 1.5}, "top_k"),
+        ({"inputs": "x", "colour": "red"}, "colour"),
+        ({"inputs": 5}, "inputs"),
+        ({"inputs": ["x"] * 65}, "inputs"),
+    ],
+)
+def test_bad_input_is_422_naming_the_field(make_client, body: dict, field: str) -> None:
+    r = make_client().post("/v1/classify", json=body)
+    assert r.status_code == 422 and r.json()["type"] == "validation", r.text
+    assert r.json()["field"] == field, r.json()
+
+
+def test_error_table(make_client) -> None:
+    client = make_client(max_body_bytes=2000)
+    unknown = client.post("/v1/classify", json={"inputs": "x", "model": "gamma"})
+    assert unknown.status_code == 404 and unknown.json()["type"] == "model_not_found"
+    big = client.post("/v1/classify", content=b"{" + b" " * 3000 + b"}", headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["type"] == "payload_too_large"
+    undecodable = client.post("/v1/classify", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    assert undecodable.status_code == 422 and undecodable.json()["field"] == "body"
+    assert client.get("/nope").status_code == 404
+
+
+def test_full_queue_is_429_before_any_work(make_client) -> None:
+    client = make_client(max_queue_texts=2)
+    r = client.post("/v1/classify", json={"inputs": ["a", "b", "c"]})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and int(r.headers["retry-after-ms"]) >= 1
+
+
+def test_own_timeout_is_408(make_client) -> None:
+    client = make_client(delay_s=0.3)
+    client.post("/v1/classify", json={"inputs": "warm"})
+    r = client.post("/v1/classify", json={"inputs": ["slow"], "timeout_ms": 50})
+    assert r.status_code == 408 and r.json()["field"] == "timeout_ms"
+
+
+def test_v2_json_and_binary(make_client) -> None:
+    client = make_client()
+    texts = ["shares rose", "a goal"]
+    tensor = {"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}
+    j = client.post("/v2/models/beta/infer", json={"inputs": [tensor], "id": "r1"})
+    assert j.status_code == 200 and j.json()["id"] == "r1"
+    payload = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
+    head = {"inputs": [{**tensor, "data": None, "parameters": {"binary_data_size": len(payload)}}]}
+    header = json.dumps({"inputs": [{k: v for k, v in head["inputs"][0].items() if v is not None}]}).encode()
+    b = client.post(
+        "/v2/models/beta/infer",
+        content=header + payload,
+        headers={"Inference-Header-Content-Length": str(len(header)), "content-type": "application/octet-stream"},
+    )
+    assert b.status_code == 200, b.text
+    assert b.json()["outputs"][0]["data"] == j.json()["outputs"][0]["data"]
+    truncated = client.post(
+        "/v2/models/beta/infer",
+        content=header + payload[:-3],
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert truncated.status_code == 422 and "binary data" in truncated.json()["error"]
+
+
+def test_api_key(make_client) -> None:
+    client = make_client(api_key="k")
+    assert client.post("/v1/classify", json={"inputs": "x"}).status_code == 401
+    ok = client.post("/v1/classify", json={"inputs": "x"}, headers={"authorization": "Bearer k"})
+    assert ok.status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_broken_folder_fails_alone(make_client) -> None:
+    client = make_client(broken=("gamma",))
+    cards = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert cards["gamma"]["status"] == "failed" and "truncated" in cards["gamma"]["error"]
+    assert "repo" not in cards["gamma"]["error"]  # no internal paths
+    assert client.post("/v1/classify", json={"inputs": "x", "model": "gamma"}).status_code == 503
+    assert client.post("/v1/classify", json={"inputs": "x"}).status_code == 200
+    assert client.get("/v2/health/ready").json() == {"ready": True, "failed_models": ["gamma"]}
