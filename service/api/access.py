@@ -60,10 +60,12 @@ class RequestContext:
         t0 = time.perf_counter()
         status = 500
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
@@ -76,7 +78,14 @@ class RequestContext:
             )
             await JSON(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send_with_id)
         elif self.authorised(scope):
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                # Unhandled: logged with its traceback and the request id; the client gets a plain 500 with the id.
+                log.exception("request %s failed", rid)
+                if status == 500 and not started:
+                    err = ServiceError(ErrorKind.INTERNAL, f"internal error (request id {rid})")
+                    await JSON(err.body(), status_code=err.status)(scope, receive, send_with_id)
         else:
             err = ServiceError(
                 ErrorKind.UNAUTHORIZED,

@@ -88,12 +88,15 @@ class ErrorBody(BaseModel):
 # --- Open Inference Protocol v2 -------------------------------------------------------------------------------
 
 
+TextRow = Annotated[list[Text], Field(min_length=1, max_length=1)]
+
+
 class InferTensor(BaseModel):
     name: Literal["text"]
     shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=2)]
     datatype: Literal["BYTES"]
     parameters: dict[str, Any] | None = None
-    data: Annotated[list[Text], Field(min_length=1)] | None = None
+    data: Annotated[list[Text | TextRow], Field(min_length=1)] | None = None  # flat for [n], one per row for [n, 1]
 
 
 class InferRequestedOutput(BaseModel):
@@ -108,11 +111,18 @@ class InferRequest(BaseModel):
     outputs: list[InferRequestedOutput] | None = None
 
 
+class InferOutputTensor(BaseModel):
+    name: Literal["label", "probabilities"]
+    shape: list[int]
+    datatype: Literal["BYTES", "FP32"]
+    data: list[Any]
+
+
 class InferResponse(BaseModel):
     model_name: str
     model_version: str | None = None
     id: str | None = None
-    outputs: list[InferTensor]
+    outputs: list[InferOutputTensor]
 
 
 class TensorMetadata(BaseModel):

@@ -54,5 +54,5 @@ class OnnxBackend(Backend):
         counts = np.stack([np.bincount(x.reshape(-1), minlength=e) for x in experts]).astype(np.int64)
         routing = None
         if return_routing:
-            routing = [LayerRouting(x, g.astype(np.float32)) for x, g in zip(experts, gates, strict=True)]
-        return BatchOutput(logits.astype(np.float32), counts, routing)
+            routing = [LayerRouting(x, g.astype(np.float32, copy=False)) for x, g in zip(experts, gates, strict=True)]
+        return BatchOutput(logits.astype(np.float32, copy=False), counts, routing)

@@ -63,6 +63,7 @@ class PendingRequest:
     failed: bool = False
     queue_s: float = 0.0
     inference_s: float = 0.0
+    own_ms: int | None = None  # the request's own timeout_ms when it is the binding deadline (408, not 504)
 
     def __post_init__(self) -> None:
         self.results = [None] * self.n
@@ -200,7 +201,7 @@ class ModelWorker:
                         f"model {self.name!r} accepts ({max_len}); shorten it or send truncate=true",
                         field=f"inputs[{i}]",
                     )
-        req = PendingRequest(loop, loop.create_future(), len(texts), deadline, return_routing)
+        req = PendingRequest(loop, loop.create_future(), len(texts), deadline, return_routing, own_ms=own_ms)
         now = time.monotonic()
         if now >= deadline:
             raise deadline_exceeded(self.name, own_ms)
@@ -305,7 +306,8 @@ class ModelWorker:
             return True
         if now >= req.deadline:
             req.failed = True  # counted in the failure metrics by the API's error handler, like every 504
-            req.loop.call_soon_threadsafe(_set_exception, req.future, deadline_exceeded(self.name))
+            with contextlib.suppress(RuntimeError):  # its event loop is gone: nobody is waiting any more
+                req.loop.call_soon_threadsafe(_set_exception, req.future, deadline_exceeded(self.name, req.own_ms))
             return True
         return False
 

@@ -182,3 +182,19 @@ def test_own_timeout_is_a_request_timeout(tiny_model_dir: Path) -> None:
     with pytest.raises(ServiceError) as server:
         asyncio.run(capped.classify(["market news"]))
     assert server.value.status == 504
+
+
+def test_own_deadline_passing_in_the_queue_is_408_too(tiny_model_dir: Path) -> None:
+    """The inference thread drops an expired text with the same status the event loop would give: the request's
+    own timeout_ms -> 408, the server's cap -> 504."""
+    worker = _worker(tiny_model_dir)
+    loop = asyncio.new_event_loop()
+    past = time.monotonic() - 1
+    own = PendingRequest(loop, loop.create_future(), 1, past, False, own_ms=5)
+    capped = PendingRequest(loop, loop.create_future(), 1, past, False)
+    worker._admit([WorkItem(r, 0, [1, 2], False, past) for r in (own, capped)])
+    with worker._cond:
+        assert worker._cut_batch() == []
+    loop.run_until_complete(asyncio.sleep(0))
+    assert own.future.exception().status == 408 and capped.future.exception().status == 504
+    loop.close()

@@ -140,3 +140,28 @@ def test_broken_folder_fails_alone(make_client) -> None:
     assert client.post("/v1/classify", json={"inputs": "x", "model": "gamma"}).status_code == 503
     assert client.post("/v1/classify", json={"inputs": "x"}).status_code == 200
     assert client.get("/v2/health/ready").json() == {"ready": True, "failed_models": ["gamma"]}
+
+
+def test_v2_nested_rows_and_documented_response(make_client) -> None:
+    """Shape [n, 1] with one text per row is accepted, and the response matches the documented output schema."""
+    client = make_client()
+    tensor = {"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [["shares rose"], ["a goal"]]}
+    r = client.post("/v2/models/beta/infer", json={"inputs": [tensor]})
+    assert r.status_code == 200, r.text
+    from service.api.schemas import InferResponse
+
+    InferResponse.model_validate(r.json())
+
+
+def test_unexpected_error_is_a_500_with_the_request_id(make_client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception nobody planned for still gets a JSON 500 carrying the request id (no trace), and is logged."""
+    import service.api.v1 as v1
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("/secret/path exploded")
+
+    monkeypatch.setattr(v1, "prediction", broken)
+    client = make_client()
+    r = client.post("/v1/classify", json={"inputs": "x"}, headers={"x-request-id": "abc-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "abc-1"
+    assert "abc-1" in r.json()["error"] and "secret" not in r.text
