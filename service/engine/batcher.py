@@ -145,7 +145,14 @@ class ModelWorker:
         self.ready = False
         self.busy_since: float | None = None  # monotonic start of the batch running now, for the watchdog
         self.evaluation: dict | None = None  # eval.json's headline figures, read once at load (registry)
-        self._m_queue = metrics.queue_depth.labels(self.name)
+        # This model's metric children, looked up once: a labels() call per text or batch costs a lock and a dict.
+        m, name = metrics, self.name
+        self._m_queue = m.queue_depth.labels(name)
+        self._m_tokenization = m.tokenization_duration.labels(name)
+        self._m_texts, self._m_truncated = m.texts.labels(name), m.truncated.labels(name)
+        self._m_queue_wait, self._m_inference = m.queue_duration.labels(name), m.inference_duration.labels(name)
+        self._m_batch_texts, self._m_batch_tokens = m.batch_texts.labels(name), m.batch_tokens.labels(name)
+        self._m_padding = m.padding_ratio.labels(name)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -191,7 +198,7 @@ class ModelWorker:
         max_len = self.info.max_length
         encoded = await loop.run_in_executor(self.tokenize_pool, self.backend.tokenizer.encode_batch, texts, max_len)
         tokenization_s = time.perf_counter() - t0
-        self.metrics.tokenization_duration.labels(self.name).observe(tokenization_s)
+        self._m_tokenization.observe(tokenization_s)
         if not truncate:
             for i, enc in enumerate(encoded):
                 if enc.truncated:
@@ -219,10 +226,10 @@ class ModelWorker:
             raise deadline_exceeded(self.name, own_ms)
         results = req.future.result()
         # Counted here, once, for every API that classifies (/v1 and /v2 alike).
-        self.metrics.texts.labels(self.name).inc(len(texts))
+        self._m_texts.inc(len(texts))
         truncated = sum(r.truncated for r in results)
         if truncated:
-            self.metrics.truncated.labels(self.name).inc(truncated)
+            self._m_truncated.inc(truncated)
         return ClassifyResult(results, tokenization_s, req.queue_s, req.inference_s)
 
     def _check_room(self, n: int) -> None:
@@ -332,7 +339,7 @@ class ModelWorker:
         start = time.monotonic()
         for it in batch:
             it.request.queue_s = max(it.request.queue_s, start - it.enqueued)
-            self.metrics.queue_duration.labels(self.name).observe(start - it.enqueued)
+            self._m_queue_wait.observe(start - it.enqueued)
         want_routing = any(it.request.return_routing for it in batch)
         seqs = [it.ids for it in batch]
         t0 = time.perf_counter()
@@ -340,11 +347,10 @@ class ModelWorker:
         infer_s = time.perf_counter() - t0
         self.batches_run += 1
         n, tokens = len(batch), sum(len(s) for s in seqs)
-        m = self.metrics
-        m.inference_duration.labels(self.name).observe(infer_s)
-        m.batch_texts.labels(self.name).observe(n)
-        m.batch_tokens.labels(self.name).observe(tokens)
-        m.padding_ratio.labels(self.name).observe(1 - tokens / (n * max(len(s) for s in seqs)))
+        self._m_inference.observe(infer_s)
+        self._m_batch_texts.observe(n)
+        self._m_batch_tokens.observe(tokens)
+        self._m_padding.observe(1 - tokens / (n * max(len(s) for s in seqs)))
         self.stats.add(out.expert_counts, n)
         rate = n / max(infer_s, 1e-6)
         self._texts_per_s = rate if not self._texts_per_s else 0.8 * self._texts_per_s + 0.2 * rate
