@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.api import v1, v2
 from service.api.access import RequestContext
-from service.api.common import JSON, ClientDisconnected
+from service.api.common import JSON, ClientDisconnected, error_response
 from service.config import Settings
 from service.engine.registry import BackendLoader, Engine
 from service.errors import FRAMEWORK_ERRORS, ErrorKind, ServiceError
@@ -52,7 +52,7 @@ class BodyLimitAndMetrics:
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limit:
             self.metrics.failures.labels("", too_large.kind.value).inc()
-            await _error_response(too_large)(scope, receive, send_wrapper)
+            await error_response(too_large)(scope, receive, send_wrapper)
         else:
             received = 0
 
@@ -68,7 +68,7 @@ class BodyLimitAndMetrics:
             try:
                 await self.app(scope, receive_wrapper, send_wrapper)
             except _BodyTooLarge:
-                await _error_response(too_large)(scope, receive, send_wrapper)
+                await error_response(too_large)(scope, receive, send_wrapper)
         route = scope.get("route")
         path = getattr(route, "path", "unmatched")
         if path != "/metrics":
@@ -80,10 +80,6 @@ class BodyLimitAndMetrics:
 class _BodyTooLarge(StarletteHTTPException):
     """Raised while a streamed body is read. An HTTPException, so FastAPI passes it to the app's handler (413)
     instead of turning it into a 400 'error parsing the body'."""
-
-
-def _error_response(err: ServiceError) -> JSON:
-    return JSON(err.body(), status_code=err.status, headers=err.headers)
 
 
 def _field(loc: tuple) -> str:
@@ -131,7 +127,7 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
     def failure(request: Request, err: ServiceError) -> JSON:
         model = getattr(request.state, "model", "")
         metrics.failures.labels(model, err.kind.value).inc()
-        return _error_response(err)
+        return error_response(err)
 
     @app.exception_handler(ServiceError)
     async def on_service_error(request: Request, err: ServiceError) -> JSON:

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.common import JSON
+from service.api.common import error_response
 from service.config import Settings
 from service.errors import ErrorKind, ServiceError
 
@@ -76,7 +76,7 @@ class RequestContext:
                 "the server is shutting down; retry on another instance",
                 headers={"Retry-After": "1", "Connection": "close"},
             )
-            await JSON(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send_with_id)
+            await error_response(err)(scope, receive, send_with_id)
         elif self.authorised(scope):
             try:
                 await self.app(scope, receive, send_with_id)
@@ -85,14 +85,14 @@ class RequestContext:
                 log.exception("request %s failed", rid)
                 if status == 500 and not started:
                     err = ServiceError(ErrorKind.INTERNAL, f"internal error (request id {rid})")
-                    await JSON(err.body(), status_code=err.status)(scope, receive, send_with_id)
+                    await error_response(err)(scope, receive, send_with_id)
         else:
             err = ServiceError(
                 ErrorKind.UNAUTHORIZED,
                 "missing or wrong API key: send Authorization: Bearer <key>",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-            await JSON(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send_with_id)
+            await error_response(err)(scope, receive, send_with_id)
         if self.json_log:
             line = {
                 "request_id": rid,

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from service.engine.batcher import ClassifyResult
-from service.errors import ErrorKind
+from service.errors import ErrorKind, ServiceError
 
 T = TypeVar("T")
 
@@ -23,6 +23,11 @@ class JSON(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_response(err: ServiceError) -> JSON:
+    """The one JSON body every error has ({"error", "type", "field"?}), with its status and headers."""
+    return JSON(err.body(), status_code=err.status, headers=err.headers)
 
 
 def timing_headers(result: ClassifyResult, total_s: float) -> dict[str, str]:

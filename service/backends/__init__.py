@@ -13,13 +13,13 @@ import logging
 from pathlib import Path
 
 from service.backends.base import Backend
-from service.modeling.layout import CONFIG_FILE, ONNX_FILE, ONNX_INT8_FILE
+from service.backends.onnx_backend import GRAPHS  # the precision -> graph file table (imports no onnxruntime)
+from service.modeling.layout import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
-PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8")}
-GRAPHS = {("onnx", "fp32"): ONNX_FILE, ("onnx", "int8"): ONNX_INT8_FILE}
+PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": tuple(GRAPHS)}
 
 
 def resolve(model_dir: str | Path, kind: str = "auto", precision: str = "auto") -> tuple[str, str]:
@@ -28,7 +28,7 @@ def resolve(model_dir: str | Path, kind: str = "auto", precision: str = "auto") 
     config = Path(model_dir) / CONFIG_FILE
     if config.is_file():
         serving = json.loads(config.read_text()).get("serving") or {}
-    graph = GRAPHS.get((serving.get("backend"), serving.get("precision")))
+    graph = GRAPHS.get(serving.get("precision")) if serving.get("backend") == "onnx" else None
     if graph and not (Path(model_dir) / graph).is_file():
         # Graphs are build artefacts (`moe-serve export`; the Docker image makes them), not committed: without
         # the chosen one, `auto` serves torch rather than failing.
