@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -19,9 +18,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.api import v1, v2
 from service.api.access import RequestContext
-from service.api.common import JSON, ClientDisconnected, error_response
+from service.api.common import CLIENT_GONE, JSON, ClientDisconnected, error_response, validation_error
+from service.api.fast_route import FastClassify
 from service.config import Settings
+from service.engine.handle import EngineHandle
 from service.engine.registry import BackendLoader, Engine
+from service.engine.remote import RemoteEngine
 from service.errors import FRAMEWORK_ERRORS, ErrorKind, ServiceError
 from service.metrics import CONTENT_TYPE, Metrics
 
@@ -82,36 +84,24 @@ class _BodyTooLarge(StarletteHTTPException):
     instead of turning it into a 400 'error parsing the body'."""
 
 
-def _field(loc: tuple) -> str:
-    """('body', 'inputs', 'list[str]', 0) -> 'inputs[0]'; union branch names are dropped."""
-    out = ""
-    for p in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif "[" in p or p in ("str", "int", "bool", "float"):
-            continue
-        else:
-            out += f".{p}" if out else p
-    return out or "body"
-
-
 def create_app(settings: Settings | None = None, loader: BackendLoader | None = None) -> FastAPI:
     """The app. `loader` turns a model folder into a backend (default: the real ones, per the settings); the fast
     API tests pass a fake."""
     settings = settings or Settings()
-    metrics = Metrics()
+    remote = loader is None and settings.model_process
+    metrics = Metrics(engine=not remote)  # with a model process, the engine's metrics live there
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = Engine(settings, metrics, loader)
+        engine: EngineHandle = RemoteEngine(settings) if remote else Engine(settings, metrics, loader)
         app.state.engine = engine
-        await asyncio.to_thread(engine.load)  # load + warm up every model before accepting traffic
+        await engine.start()  # every model loaded and warmed up before accepting traffic
         # A dead or hung worker: stop serving (the CLI's server drains what it can; under another runner, SIGTERM)
         # and exit non-zero (engine.fatal) for the orchestrator to restart the process.
         stop = getattr(app.state, "stop_server", None) or (lambda: os.kill(os.getpid(), signal.SIGTERM))
         engine.watch(lambda _: stop())
         yield
-        await asyncio.to_thread(engine.stop)
+        await engine.close()
 
     app = FastAPI(
         title="moe-serve",
@@ -135,15 +125,7 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSON:
-        # With unions (str | list[str]) pydantic reports one error per branch: the deepest one is the useful one.
-        e = max(exc.errors(), key=lambda err: len(err.get("loc", ())))
-        field = _field(tuple(e.get("loc", ())))
-        if e.get("type") == "json_invalid":
-            field = "body"
-            msg = f"request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])} at byte {e['loc'][-1]})"
-        else:
-            msg = f"{field}: {e['msg']}"
-        return failure(request, ServiceError(ErrorKind.VALIDATION, msg, field=field))
+        return failure(request, validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSON:
@@ -157,7 +139,7 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
 
     @app.exception_handler(ClientDisconnected)
     async def on_disconnect(request: Request, exc: ClientDisconnected) -> JSON:
-        return JSON({"error": "client disconnected", "type": ErrorKind.CLIENT_GONE.value}, status_code=499)
+        return failure(request, CLIENT_GONE)
 
     @app.get(
         "/metrics",
@@ -166,13 +148,15 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
         response_class=Response,
         responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
     )
-    async def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+    async def prometheus(request: Request) -> Response:
+        engine_part = await request.app.state.engine.metrics_exposition()
+        return Response(metrics.exposition() + engine_part, media_type=CONTENT_TYPE)
 
     @app.get("/health", tags=["ops"], summary="Liveness (same as /v2/health/live)")
     async def health() -> JSON:
         return JSON({"status": "ok"})
 
+    app.add_middleware(FastClassify, state=app.state)  # the hot route, past FastAPI's machinery
     app.add_middleware(BodyLimitAndMetrics, settings=settings, metrics=metrics)
     # Outermost: ids, draining and auth before any body is read.
     app.add_middleware(RequestContext, settings=settings, state=app.state)

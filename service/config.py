@@ -27,6 +27,12 @@ class Settings(BaseSettings):
         "auto", description="auto: the folder's choice; bf16 with torch, int8 with onnx"
     )
 
+    model_process: bool = Field(
+        True,
+        description="run the models in a process of their own, behind local IPC: HTTP work and the engine's Python "
+        "work then run on two GILs (false: one process, the engine on a thread)",
+    )
+
     max_batch_tokens: int = Field(
         16384, ge=1, description="token budget of one batch, counted as batch size x longest text (padded)"
     )

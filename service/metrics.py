@@ -71,8 +71,19 @@ class _RoutingCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
+    """http: the API's metrics (requests, failures, request time); engine: the batcher's (queue, batches, texts,
+    routing, model info). One process serving both has both; with a model process each side has its own part and
+    /metrics joins the two expositions, so their families must not overlap."""
+
+    def __init__(self, http: bool = True, engine: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        if http:
+            self._http_metrics()
+        if engine:
+            self._engine_metrics()
+
+    def _http_metrics(self) -> None:
+        r = self.registry
         self.requests = Counter(
             "moe_requests", "HTTP requests by model, route and status code.", ["model", "route", "status"], registry=r
         )
@@ -84,6 +95,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _engine_metrics(self) -> None:
+        r = self.registry
         self.tokenization_duration = Histogram(
             "moe_tokenization_duration_seconds",
             "Tokenization time per request.",

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import Request
 from fastapi.responses import Response
+from starlette.types import Receive
 
 from service.engine.batcher import ClassifyResult
 from service.errors import ErrorKind, ServiceError
@@ -40,22 +40,25 @@ def timing_headers(result: ClassifyResult, total_s: float) -> dict[str, str]:
     }
 
 
-async def _wait_disconnect(request: Request) -> None:
+async def _wait_disconnect(receive: Receive) -> None:
     # The body has been read already, so the next ASGI message can only be the client leaving.
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 
 
 class ClientDisconnected(Exception):
-    pass
+    """The client left before its answer was ready: nothing is sent; counted as a client_disconnected failure."""
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+CLIENT_GONE = ServiceError(ErrorKind.CLIENT_GONE, "client disconnected")
+
+
+async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it if the client disconnects first (its texts are then dropped from the queue)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
@@ -68,6 +71,30 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     if not watcher.cancelled() and watcher.exception() is not None:
         raise watcher.exception()  # type: ignore[misc]
-    model = getattr(request.state, "model", "")
-    request.app.state.metrics.failures.labels(model, ErrorKind.CLIENT_GONE.value).inc()
     raise ClientDisconnected
+
+
+def _field(loc: tuple) -> str:
+    """('body', 'inputs', 'list[str]', 0) -> 'inputs[0]'; union branch names are dropped."""
+    out = ""
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif "[" in p or p in ("str", "int", "bool", "float"):
+            continue
+        else:
+            out += f".{p}" if out else p
+    return out or "body"
+
+
+def validation_error(errors: Sequence[Any]) -> ServiceError:
+    """pydantic's errors for a request body -> one ServiceError naming the field. With unions (str | list[str])
+    pydantic reports one error per branch: the deepest one is the useful one."""
+    e = max(errors, key=lambda err: len(err.get("loc", ())))
+    field = _field(tuple(e.get("loc", ())))
+    if e.get("type") == "json_invalid":
+        field = "body"
+        msg = f"request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])} at byte {e['loc'][-1]})"
+    else:
+        msg = f"{field}: {e['msg']}"
+    return ServiceError(ErrorKind.VALIDATION, msg, field=field)

@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
+from starlette.types import Receive
 
 from service.api.common import JSON, timing_headers, unless_disconnected
 from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody
-from service.engine.batcher import ModelWorker, TextResult
-from service.engine.registry import Engine
+from service.engine.batcher import TextResult
+from service.engine.handle import EngineHandle, ModelHandle
 from service.errors import ErrorKind, ServiceError
 
 router = APIRouter(prefix="/v1", tags=["v1"])
@@ -21,7 +22,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 TOP_EXPERTS = 3
 
 
-def engine_of(request: Request) -> Engine:
+def engine_of(request: Request) -> EngineHandle:
     return request.app.state.engine
 
 
@@ -45,9 +46,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _routing(worker: ModelWorker, r: TextResult) -> dict[str, Any]:
+def _routing(worker: ModelHandle, r: TextResult) -> dict[str, Any]:
     e = worker.info.num_experts
-    tok = worker.backend.tokenizer.tokenizer
     layers = []
     for i, lay in enumerate(r.routing or []):
         counts = np.bincount(lay.expert_ids.reshape(-1), minlength=e)
@@ -61,10 +61,10 @@ def _routing(worker: ModelWorker, r: TextResult) -> dict[str, Any]:
                 "top_experts": [{"expert": int(j), "share": round(float(share[j]), 4)} for j in top if share[j] > 0],
             }
         )
-    return {"tokens": [tok.id_to_token(t) or "" for t in r.ids], "layers": layers}
+    return {"tokens": r.tokens or [], "layers": layers}
 
 
-def prediction(worker: ModelWorker, r: TextResult, top_k: int | None, raw: bool) -> dict[str, Any]:
+def prediction(worker: ModelHandle, r: TextResult, top_k: int | None, raw: bool) -> dict[str, Any]:
     labels = worker.info.labels
     scores = r.logits if raw else softmax(r.logits.astype(np.float64))
     order = np.argsort(-scores, kind="stable")[: top_k or len(labels)]
@@ -72,7 +72,7 @@ def prediction(worker: ModelWorker, r: TextResult, top_k: int | None, raw: bool)
         "label": labels[order[0]],
         "score": float(scores[order[0]]),
         "scores": [{"label": labels[j], "score": float(scores[j])} for j in order],
-        "tokens": len(r.ids),
+        "tokens": r.n_tokens,
         "truncated": r.truncated,
     }
     if r.routing is not None:
@@ -82,19 +82,26 @@ def prediction(worker: ModelWorker, r: TextResult, top_k: int | None, raw: bool)
 
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Classify one or more texts")
 async def classify(body: ClassifyRequest, request: Request) -> JSON:
+    # Requests with a JSON body are answered before they reach this route (service/api/fast_route.py); this one
+    # serves the others and documents the API.
+    return await answer_classify(engine_of(request), body, request.scope["state"], request.receive)
+
+
+async def answer_classify(engine: EngineHandle, body: ClassifyRequest, state: dict, receive: Receive) -> JSON:
+    """POST /v1/classify once the body is parsed. `state` is the request's scope state: the model name goes there
+    for the metrics and the access log."""
     t0 = time.perf_counter()
-    engine = engine_of(request)
     worker = engine.get(body.model)
-    request.state.model = worker.name
+    state["model"] = worker.name
     texts = validate_texts(body.inputs, engine.settings.max_client_batch_size)
     timeout = body.timeout_ms / 1000 if body.timeout_ms else None
     work = worker.classify(texts, truncate=body.truncate, return_routing=body.return_routing, timeout_s=timeout)
-    result = await unless_disconnected(request, work)
+    result = await unless_disconnected(receive, work)
     preds = [prediction(worker, r, body.top_k, body.raw_scores) for r in result.results]
     return JSON({"model": worker.name, "predictions": preds}, headers=timing_headers(result, time.perf_counter() - t0))
 
 
-def model_card(worker: ModelWorker) -> dict[str, Any]:
+async def model_card(worker: ModelHandle) -> dict[str, Any]:
     info = worker.info
     a = info.architecture
     return {
@@ -118,27 +125,27 @@ def model_card(worker: ModelWorker) -> dict[str, Any]:
             "moe_every": a["moe_every"],
             "vocab_size": a["vocab_size"],
         },
-        "backend": worker.backend.kind,
+        "backend": worker.kind,
         "precision": worker.info.precision,
-        "device": worker.backend.device,
+        "device": worker.device,
         "base": info.training.get("base"),  # the pretrained encoder it was converted from, if any
         "eval": worker.evaluation,  # read once when the model was loaded
         "status": "ready" if worker.ready else "loading",
-        "queue_texts": worker.queued_texts,
+        "queue_texts": await worker.queued(),
     }
 
 
 @router.get("/models", summary="Models served: labels, temperature, architecture, backend, device, eval metrics")
 async def list_models(request: Request) -> JSON:
     engine = engine_of(request)
-    cards = [model_card(w) for w in engine.workers.values()]
+    cards = [await model_card(w) for w in engine.workers.values()]
     cards += [{"name": name, "status": "failed", "error": why} for name, why in engine.failed.items()]
     return JSON({"default_model": engine.default_model, "models": cards})
 
 
 @router.get("/models/{model}", summary="One model", responses=ERRORS)
 async def get_model(model: str, request: Request) -> JSON:
-    return JSON(model_card(engine_of(request).get(model)))
+    return JSON(await model_card(engine_of(request).get(model)))
 
 
 @router.get(
@@ -154,6 +161,6 @@ async def routing(model: str, request: Request) -> JSON:
             "model": worker.name,
             "num_experts": worker.info.num_experts,
             "top_k": worker.info.top_k,
-            **worker.stats.snapshot(),
+            **(await worker.routing()),
         }
     )

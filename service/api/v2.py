@@ -137,7 +137,7 @@ async def model_metadata(model: str, request: Request) -> JSON:
         {
             "name": w.name,
             "versions": ["1"],
-            "platform": f"moe-serve_{w.backend.kind}",
+            "platform": f"moe-serve_{w.kind}",
             "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [
                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
@@ -201,7 +201,7 @@ async def infer(model: str, request: Request) -> JSON:
         if unknown:
             raise _bad(f"unknown output(s) {unknown}; available: {list(OUTPUTS)}", "outputs")
     wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
-    result = await unless_disconnected(request, worker.classify(texts))
+    result = await unless_disconnected(request.receive, worker.classify(texts))
     probs = softmax(np.stack([r.logits for r in result.results]).astype(np.float64)).astype(np.float32)
     labels = worker.info.labels
     tensors: dict[str, dict[str, Any]] = {

@@ -32,14 +32,16 @@ from service.errors import ErrorKind, ServiceError, deadline_exceeded, queue_ful
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+INLINE_TOKENIZE_CHARS = 1024  # requests up to this many characters are tokenized on the event loop itself
 
 
 @dataclass
 class TextResult:
     logits: np.ndarray  # [num_labels], already divided by the model's temperature
-    ids: list[int]  # the token ids the model read
+    n_tokens: int  # how many tokens the model read
     truncated: bool
     routing: list[LayerRouting] | None = None  # this text's tokens only
+    tokens: list[str] | None = None  # the token strings, with routing only
 
 
 @dataclass
@@ -182,6 +184,21 @@ class ModelWorker:
     def queued_texts(self) -> int:
         return len(self._queue)
 
+    # -- what the API sees of a model (the same for a model served in another process: service/engine/remote.py)
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    @property
+    def device(self) -> str:
+        return self.backend.device
+
+    async def queued(self) -> int:
+        return len(self._queue)
+
+    async def routing(self) -> dict:
+        return self.stats.snapshot()
+
     # -- event-loop side -----------------------------------------------------------------------------------------
     async def classify(
         self, texts: list[str], *, truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
@@ -196,7 +213,11 @@ class ModelWorker:
         self._check_room(len(texts))  # refuse before any work: a refused request must not burn the cores
         t0 = time.perf_counter()
         max_len = self.info.max_length
-        encoded = await loop.run_in_executor(self.tokenize_pool, self.backend.tokenizer.encode_batch, texts, max_len)
+        encode = self.backend.tokenizer.encode_batch
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            encoded = encode(texts, max_len)  # tens of microseconds: cheaper than a hop to the pool and back
+        else:
+            encoded = await loop.run_in_executor(self.tokenize_pool, encode, texts, max_len)
         tokenization_s = time.perf_counter() - t0
         self._m_tokenization.observe(tokenization_s)
         if not truncate:
@@ -224,7 +245,11 @@ class ModelWorker:
             req.cancelled = True
             req.future.cancel()  # a late result or error from the inference thread then goes nowhere, quietly
             raise deadline_exceeded(self.name, own_ms)
-        results = req.future.result()
+        results: list[TextResult] = req.future.result()
+        if return_routing:
+            vocab = self.backend.tokenizer.tokenizer
+            for r, enc in zip(results, encoded, strict=True):
+                r.tokens = [vocab.id_to_token(t) or "" for t in enc.ids]
         # Counted here, once, for every API that classifies (/v1 and /v2 alike).
         self._m_texts.inc(len(texts))
         truncated = sum(r.truncated for r in results)
@@ -366,7 +391,7 @@ class ModelWorker:
             if req.return_routing and out.routing is not None:
                 a, b = offsets[row], offsets[row + 1]
                 routing = [LayerRouting(r.expert_ids[a:b], r.gates[a:b]) for r in out.routing]
-            req.results[it.index] = TextResult(logits[row], it.ids, it.truncated, routing)
+            req.results[it.index] = TextResult(logits[row], len(it.ids), it.truncated, routing)
             req.remaining -= 1
             if id(req) not in seen:
                 seen.add(id(req))

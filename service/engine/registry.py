@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -13,7 +14,7 @@ from service.backends import load_backend
 from service.backends.base import Backend
 from service.config import Settings
 from service.engine.batcher import ModelWorker
-from service.errors import ErrorKind, ServiceError, model_not_found
+from service.engine.handle import lookup
 from service.metrics import Metrics
 from service.modeling.layout import CONFIG_FILE, EVAL_FILE, ROUTING_PROFILE_FILE
 
@@ -90,15 +91,16 @@ class Engine:
         return self.settings.default_model or next(iter(self.workers))
 
     def get(self, name: str | None) -> ModelWorker:
-        name = name or self.default_model
-        if name in self.failed:
-            raise ServiceError(ErrorKind.MODEL_FAILED, f"model {name!r} failed to load: {self.failed[name]}")
-        worker = self.workers.get(name)
-        if worker is None:
-            raise model_not_found(name, [*self.workers, *self.failed])
-        if not worker.ready:
-            raise ServiceError(ErrorKind.MODEL_NOT_READY, f"model {name!r} is not ready")
-        return worker
+        return lookup(self, name)  # type: ignore[return-value]
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.load)  # load + warm up every model before accepting traffic
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    async def metrics_exposition(self) -> bytes:
+        return b""  # in-process: the engine's metrics are in the app's own registry already
 
     def watch(self, on_fatal: Callable[[str], None], every_s: float = 1.0) -> threading.Thread:
         """Watchdog: a worker whose inference thread died or hung makes the model unready and calls on_fatal once

@@ -472,8 +472,8 @@ def _spawn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
 
 def test_hung_worker_makes_the_process_exit_non_zero(tmp_path: Path) -> None:
     """A batch that runs past MOE_WORKER_HANG_S (here: the MiniLM model on 64 long texts against a 0.3 s limit)
-    counts as a hung worker: the model turns unready, requests are drained, and the process exits with 3 so an
-    orchestrator restarts it."""
+    counts as a hung worker: the model process exits 3, the waiting request gets 503, and the server exits with 3
+    so an orchestrator restarts it."""
     env = {
         "MOE_MODELS_DIR": str(Path(__file__).resolve().parents[2] / "models"),
         "MOE_MODELS": "bbc-news-minilm-moe",
@@ -485,14 +485,16 @@ def test_hung_worker_makes_the_process_exit_non_zero(tmp_path: Path) -> None:
     try:
         long_texts = [" ".join(["the market fell as shares slid"] * 60)] * 64
         with contextlib.suppress(httpx.HTTPError):  # the server may close the connection while it stops
-            httpx.post(f"{url}/v1/classify", json={"inputs": long_texts}, timeout=30)
+            r = httpx.post(f"{url}/v1/classify", json={"inputs": long_texts}, timeout=30)
+            assert r.status_code == 503 and r.json()["type"] == "model_not_ready", r.text
         assert proc.wait(60) == 3
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     text = (tmp_path / "log").read_text()
-    assert "one batch has run for more than 0.3 s" in text and "stopped: model bbc-news-minilm-moe" in text
+    # The model process's watchdog exits 3, and the API process follows.
+    assert "one batch has run for more than 0.3 s" in text and "stopped: model process exited with code 3" in text
 
 
 def test_sigterm_under_load_leaves_no_accepted_connection_unanswered(models_dir: Path, tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ def test_engine_applies_the_temperature_once_for_every_backend(tmp_path: Path) -
     bundle = load_model(d)
     preds, _ = predict_texts(bundle, texts)
     worker = ModelWorker(load_backend(d, device="cpu"), Settings(max_wait_ms=0), Metrics(), ThreadPoolExecutor(1))
-    assert worker.info.temperature == t and model_card(worker)["temperature"] == t
+    assert worker.info.temperature == t and asyncio.run(model_card(worker))["temperature"] == t
     worker.start()
     try:
         result = asyncio.run(worker.classify(texts))

@@ -1,0 +1,126 @@
+"""The model process behind the API process: what happens when it dies, hangs or is orphaned, and that the
+single-process mode gives the same answers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.bench.served import free_port
+from tests.e2e.conftest import run_server
+
+TEXTS = ["shares in the bank rose after profits", "the striker scored twice", "the minister called a vote"]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _spawn(models_dir: Path, log: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    settings = {"MOE_MODELS_DIR": str(models_dir), "MOE_MODELS": "tiny", "MOE_PORT": str(port)}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"],
+            env={**os.environ, "MOE_LOG_LEVEL": "warning", **settings, **env},
+            stdout=out,
+            stderr=out,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(log.read_text())
+
+
+def _post_in_background(url: str) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def post() -> None:
+        try:
+            out["response"] = httpx.post(f"{url}/v1/classify", json={"inputs": TEXTS}, timeout=30)
+        except httpx.HTTPError as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread, out
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_lost_model_process_gives_503_and_a_non_zero_exit(models_dir: Path, tmp_path: Path, fault: str) -> None:
+    """killed: SIGKILL while a request waits. hung: SIGSTOP, so it cannot even answer pings; after
+    MOE_WORKER_HANG_S the API process kills it. Either way the waiting request gets a clean 503 and the server
+    exits 3, for an orchestrator to restart it."""
+    proc, url = _spawn(models_dir, tmp_path / "log", MOE_WORKER_HANG_S="1.5")
+    try:
+        (model_pid,) = _children(proc.pid)
+        assert httpx.post(f"{url}/v1/classify", json={"inputs": TEXTS}).status_code == 200
+        os.kill(model_pid, signal.SIGSTOP)  # the request below is then surely in flight when the fault happens
+        thread, out = _post_in_background(url)
+        time.sleep(0.5)
+        if fault == "killed":
+            os.kill(model_pid, signal.SIGKILL)
+        thread.join(30)
+        r = out.get("response")
+        assert r is not None, out
+        assert r.status_code == 503 and r.json()["type"] == "model_not_ready", r.text
+        assert "model process" in r.json()["error"]
+        assert proc.wait(30) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "log").read_text()
+    expected = "exited with code -9" if fault == "killed" else "did not answer for 1.5 s"
+    assert expected in log, log
+
+
+def test_the_model_process_leaves_with_its_parent(models_dir: Path, tmp_path: Path) -> None:
+    proc, _ = _spawn(models_dir, tmp_path / "log")
+    (model_pid,) = _children(proc.pid)
+    proc.kill()  # SIGKILL: the API process cannot stop its child itself
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{model_pid}").exists():
+        with open(f"/proc/{model_pid}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":  # exited, waiting to be reaped by init
+                break
+        time.sleep(0.2)
+    else:
+        assert not Path(f"/proc/{model_pid}").exists(), "the model process outlived the API process"
+
+
+def test_single_process_mode_gives_the_same_answers(models_dir: Path, tmp_path: Path) -> None:
+    body = {"inputs": TEXTS, "raw_scores": True, "return_routing": True}
+    answers = []
+    for mode in ("true", "false"):
+        with run_server(models_dir, tmp_path / f"{mode}.log", models="tiny", model_process=mode) as url:
+            r = httpx.post(f"{url}/v1/classify", json=body)
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["predictions"])
+            metrics = httpx.get(f"{url}/metrics").text
+            assert 'moe_texts_total{model="tiny"} 3.0' in metrics and "moe_requests_total" in metrics
+    remote, local = answers
+    for a, b in zip(remote, local, strict=True):
+        sa = np.array([s["score"] for s in a["scores"]])
+        sb = np.array([s["score"] for s in b["scores"]])
+        assert a["label"] == b["label"] and np.abs(sa - sb).max() < 1e-5
+        assert a["routing"]["tokens"] == b["routing"]["tokens"]
+        assert a["routing"]["layers"][0]["experts"] == b["routing"]["layers"][0]["experts"]
