@@ -9,7 +9,7 @@ guarantees and exits 1 when one fails:
 - no transport error and no status other than 200 and 429 (every accepted request answered, every refusal a 429);
 - every 429 carries Retry-After and retry-after-ms;
 - p99 of the answered requests within the server's request timeout;
-- resident memory of the server after warm-up grows by less than `--max-rss-growth` (5%).
+- resident memory of the server (API and model processes) after warm-up grows by less than `--max-rss-growth` (5%).
 The JSON report (rates, status counts, latency percentiles, RSS samples) goes to stdout and to `--json`.
 """
 
@@ -41,10 +41,14 @@ TEXTS = [
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of the server: the process listening on the port and its children (the model process)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0.0
+    for p in [str(pid), *children]:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 async def closed_loop(url: str, body: bytes, clients: int, seconds: float) -> float:
@@ -69,6 +73,7 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float, pid: int
     import aiohttp
 
     statuses: Counter = Counter()
+    errors: dict[str, str] = {}  # the first body of each unexpected status
     latencies: list[float] = []
     missing_retry_headers = 0
     rss: list[tuple[float, float]] = []
@@ -78,8 +83,10 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float, pid: int
         nonlocal missing_retry_headers
         try:
             async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
-                await r.read()
+                text = await r.read()
                 statuses[r.status] += 1
+                if r.status not in (200, 429):
+                    errors.setdefault(str(r.status), text.decode(errors="replace")[:300])
                 if r.status == 200:
                     latencies.append(time.perf_counter() - scheduled)
                 elif r.status == 429 and not ("Retry-After" in r.headers and "retry-after-ms" in r.headers):
@@ -112,6 +119,7 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float, pid: int
         "accepted_p50_ms": round(float(np.percentile(lat, 50)), 1),
         "accepted_p99_ms": round(float(np.percentile(lat, 99)), 1),
         "refusals_missing_retry_headers": missing_retry_headers,
+        "error_examples": errors,
         "rss_mb": rss,
     }
 

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         2.0, ge=0, description="when busy, how long a batch may wait for more texts to join (0 = continuous)"
     )
+    keep_warm_s: float = Field(
+        2.0,
+        ge=0,
+        description="after a batch, keep an idle engine warm this long with a tiny forward every 10 ms or more (under "
+        "5% of a core), so a lone request after a pause is not slowed by cold caches and threads (0 = off)",
+    )
     max_client_batch_size: int = Field(64, ge=1, description="most texts in one request")
     max_queue_texts: int = Field(2048, ge=1, description="texts waiting per model before new requests get 429")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request, queue wait included")

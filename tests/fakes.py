@@ -18,7 +18,7 @@ class FakeTokenizer:
     pad_id = 0
 
     def __init__(self) -> None:
-        self.tokenizer = self  # the API reads token strings through .tokenizer, as from an HF tokenizer
+        self.tokenizer = self  # the engine reads token strings through .tokenizer, as from an HF tokenizer
 
     def id_to_token(self, i: int) -> str:
         return f"t{i}"

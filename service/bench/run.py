@@ -31,7 +31,6 @@ MODES = {
         "texts": ["short"],
         "seconds": 4.0,
         "served_runs": 1,
-        "open_rate": None,
     },
     "full": {
         "short": 512,
@@ -42,7 +41,6 @@ MODES = {
         "texts": ["short", "mix"],
         "seconds": 5.0,
         "served_runs": 3,
-        "open_rate": 100.0,
     },
 }
 
@@ -75,7 +73,7 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
         "mode": mode,
         "model": bundle.name,
         "machine": machine(),
-        "load_generator": "aiohttp (asyncio, one process) on the same cores as the server",
+        "load_generator": "wrk (one thread) on the same cores as the servers; its share of the cores is in each row",
     }
     log.info("matmul peak")
     results["peak_gflops"] = eng.matmul_peak()
@@ -102,39 +100,9 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
     results["backends"] = measure_variants(Path(model_dir), sets["mix"], None, cfg["repeats"])
 
     if not skip_served:
-        results["served"] = []
-        bodies = {
-            t: [orjson.dumps({"inputs": bundle.tokenizer.tokenizer.decode(ids)}) for ids in sets[t]]
-            for t in cfg["texts"]
-        }
-        for server in ("moe-serve", "naive"):
-            log.info("served: %s", server)
-            with served.start_server(server, Path(model_dir).resolve(), threads, out_dir / f"{server}.log") as url:
-                for texts in cfg["texts"]:
-                    for c in cfg["concurrency"]:
-                        # Several runs per point; the run with the median throughput is reported.
-                        runs = [
-                            served.closed_loop(f"{url}/v1/classify", bodies[texts], c, cfg["seconds"], server, texts)
-                            for _ in range(cfg["served_runs"])
-                        ]
-                        r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
-                        row = {**asdict(r), "runs": len(runs), "rps_all_runs": [x.rps for x in runs]}
-                        results["served"].append(row)
-                        log.info(
-                            "%s %s c=%d: %.1f req/s p50 %.1f ms (runs: %s)",
-                            server,
-                            texts,
-                            c,
-                            r.rps,
-                            r.p50_ms,
-                            row["rps_all_runs"],
-                        )
-                if cfg["open_rate"]:
-                    r = served.open_loop(
-                        f"{url}/v1/classify", bodies["short"], cfg["open_rate"], cfg["seconds"], server, "short"
-                    )
-                    results["served"].append({**asdict(r), "runs": 1, "rps_all_runs": [r.rps]})
-        results["served_ratios"] = _served_ratios(results["served"], results["engine_single_short_ms"])
+        results["served_backend"] = served.backend_figures(Path(model_dir), threads, sets["short"])
+        results["served"], results["lone_request"] = served_runs(Path(model_dir), bundle, sets, cfg, threads, out_dir)
+        results["served_ratios"] = _served_ratios(results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "bench.md").write_text(markdown(results))
@@ -144,17 +112,53 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
     return results
 
 
-def _served_ratios(rows: list[dict[str, Any]], single_ms: float) -> dict[str, Any]:
+def served_runs(
+    model_dir: Path, bundle: Any, sets: dict[str, list[list[int]]], cfg: dict[str, Any], threads: int, out_dir: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """moe-serve and the naive server, each in its own process, driven by wrk; several runs per point, the run with
+    the median throughput reported. Then lone requests to moe-serve (one at a time, idle between)."""
+    rows: list[dict[str, Any]] = []
+    lone: dict[str, Any] = {}
+    bodies = {t: [orjson.dumps({"inputs": bundle.tokenizer.tokenizer.decode(ids)}) for ids in sets[t]] for t in sets}
+    for server in ("moe-serve", "naive"):
+        log.info("served: %s", server)
+        with served.start_server(server, model_dir.resolve(), threads, out_dir / f"{server}.log") as url:
+            classify = f"{url}/v1/classify"
+            served.closed_loop(classify, bodies["short"], 64, 1.0, server, "short", out_dir)  # warm-up, not kept
+            for texts in cfg["texts"]:
+                for c in cfg["concurrency"]:
+                    runs = [
+                        served.closed_loop(classify, bodies[texts], c, cfg["seconds"], server, texts, out_dir)
+                        for _ in range(cfg["served_runs"])
+                    ]
+                    r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
+                    rows.append({**asdict(r), "runs": len(runs), "rps_all_runs": [x.rps for x in runs]})
+                    log.info("%s %s c=%d: %.1f req/s p50 %.2f ms %s", server, texts, c, r.rps, r.p50_ms, runs)
+            if server == "moe-serve":
+                lone = served.lone_requests(classify, bodies["short"])
+    return rows, lone
+
+
+def _served_ratios(r: dict[str, Any]) -> dict[str, Any]:
+    rows = r["served"]
+
     def get(server: str, texts: str, c: int) -> dict[str, Any] | None:
-        return next((r for r in rows if r["server"] == server and r["texts"] == texts and r["concurrency"] == c), None)
+        return next((x for x in rows if x["server"] == server and x["texts"] == texts and x["concurrency"] == c), None)
 
     out: dict[str, Any] = {}
     a, b = get("moe-serve", "short", 64), get("naive", "short", 64)
     if a and b and b["rps"]:
         out["short_c64_throughput_vs_naive"] = round(a["rps"] / b["rps"], 2)
-    one = get("moe-serve", "short", 1)
-    if one:
-        out["short_c1_p50_vs_engine_single"] = round(one["p50_ms"] / single_ms, 2)
+    a, b = get("moe-serve", "short", 1), get("naive", "short", 1)
+    if a and b and b["p50_ms"]:
+        out["short_c1_p50_vs_naive"] = round(a["p50_ms"] / b["p50_ms"], 2)
+    engine = r["served_backend"]
+    a = get("moe-serve", "short", 64)
+    if a:
+        out["short_c64_vs_engine_batched"] = round(a["rps"] / engine["batch_texts_per_s"], 2)
+    lone = r.get("lone_request") or {}
+    if lone.get("inference_ms_p50"):
+        out["lone_inference_vs_engine_single"] = round(lone["inference_ms_p50"] / engine["single_text_ms"], 2)
     return out
 
 
@@ -199,26 +203,37 @@ def markdown(r: dict[str, Any]) -> str:
         )
     lines += backends_markdown(r["backends"])
     if "served" in r:
-        lines += [
-            "",
-            "## Served over HTTP (closed loop unless a rate is given; the median of each point's runs)",
-            "",
-            "| server | texts | concurrency | offered rate | req/s | p50 ms | p95 ms | p99 ms | errors "
-            "| req/s, each run |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for s in r["served"]:
-            each = ", ".join(str(x) for x in s.get("rps_all_runs", [s["rps"]]))
-            lines.append(
-                f"| {s['server']} | {s['texts']} | {s['concurrency'] or '-'} | {s['rate'] or '-'} "
-                f"| {s['rps']} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} | {each} |"
-            )
-        lines += [
-            "",
-            f"Ratios: {json.dumps(r['served_ratios'])}; engine single short text: {r['engine_single_short_ms']} ms.",
-        ]
+        lines += served_markdown(r)
     lines += ["", f"Total bench time: {r['seconds']} s.", ""]
     return "\n".join(lines)
+
+
+def served_markdown(r: dict[str, Any]) -> list[str]:
+    e, lone = r["served_backend"], r.get("lone_request") or {}
+    lines = [
+        "",
+        "## Served over HTTP (wrk, closed loop; the run with the median throughput of each point)",
+        "",
+        "| server | texts | connections | req/s | p50 ms | p95 ms | p99 ms | errors | generator share of cores "
+        "| req/s, each run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in r["served"]:
+        each = ", ".join(str(x) for x in s["rps_all_runs"])
+        lines.append(
+            f"| {s['server']} | {s['texts']} | {s['concurrency']} | {s['rps']} | {s['p50_ms']} | {s['p95_ms']} "
+            f"| {s['p99_ms']} | {s['errors']} | {s['generator_core_share']:.1%} | {each} |"
+        )
+    lines += [
+        "",
+        f"Engine on the served backend ({e['backend']} {e['precision']}), the same short texts: one text at a time "
+        f"back to back {e['single_text_ms']} ms; batches of {e['batch']} {e['batch_texts_per_s']} texts/s.",
+        f"Lone requests to moe-serve (one at a time, {lone.get('gap_ms')} ms idle between): x-inference-time p50 "
+        f"{lone.get('inference_ms_p50')} ms, x-total-time p50 {lone.get('total_ms_p50')} ms.",
+        "",
+        f"Ratios: {json.dumps(r['served_ratios'])}.",
+    ]
+    return lines
 
 
 def backends_markdown(rows: list[dict[str, Any]]) -> list[str]:

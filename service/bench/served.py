@@ -1,4 +1,4 @@
-"""Served benchmarks: real HTTP servers in their own processes, a light asyncio (aiohttp) load generator here.
+"""Served benchmarks: real HTTP servers in their own processes, driven by wrk (C, one thread) on the same machine.
 
 The baseline ("naive") is what a first FastAPI deployment of the same model looks like: one request at a time,
 one forward per request, no batching. It is started by `python -m service.bench.served naive ...`.
@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import resource
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -97,107 +102,98 @@ class LoadResult:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    generator_core_share: float = 0.0  # the load generator's CPU time over (wall time x cores)
 
 
-def _pct(lat: list[float], q: float) -> float:
-    if not lat:
-        return float("nan")
-    s = sorted(lat)
-    return round(1000 * s[min(len(s) - 1, int(q * len(s)))], 2)
-
-
-def _result(
-    server: str, texts: str, conc: int | None, rate: float | None, lat: list[float], errors: int, seconds: float
-) -> LoadResult:
-    n = len(lat) + errors
-    return LoadResult(
-        server,
-        texts,
-        conc,
-        rate,
-        n,
-        errors,
-        round(seconds, 2),
-        round(len(lat) / seconds, 1),
-        _pct(lat, 0.5),
-        _pct(lat, 0.95),
-        _pct(lat, 0.99),
-    )
-
-
-async def _post(session: Any, url: str, body: bytes) -> bool:
-    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
-        await r.read()
-        return r.status == 200
+WRK_SCRIPT = Path(__file__).resolve().parents[2] / "load_tests" / "wrk_classify.lua"
 
 
 def closed_loop(
-    url: str, bodies: list[bytes], concurrency: int, seconds: float, server: str, texts: str, warmup_s: float = 1.0
+    url: str, bodies: list[bytes], concurrency: int, seconds: float, server: str, texts: str, workdir: Path
 ) -> LoadResult:
-    """`concurrency` clients, each sending its next request as soon as the last one is answered."""
-    import aiohttp
+    """wrk, one thread, `concurrency` connections each sending its next request as soon as the last is answered.
+    wrk is C and light; its share of the cores (it runs on the server's machine) is measured and reported."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed: run `make tools` (Debian package wrk)")
+    body_file = workdir / f"bodies-{texts}.jsonl"
+    body_file.write_bytes(b"\n".join(bodies) + b"\n")
+    path = urllib.parse.urlsplit(url).path
+    base = url[: len(url) - len(path)]
+    cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(WRK_SCRIPT), base]
+    env = {**os.environ, "WRK_BODIES": str(body_file), "WRK_PATH": path}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped children only: the servers still run
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode()[-2000:]}")
+    line = next(x for x in out.decode().splitlines() if x.startswith("{"))
+    r = json.loads(line)
+    wall = r["duration_us"] / 1e6
+    errors = r["non_2xx"] + r["socket_errors"] + r["timeouts"]
+    return LoadResult(
+        server=server,
+        texts=texts,
+        concurrency=concurrency,
+        rate=None,
+        requests=r["requests"],
+        errors=errors,
+        seconds=round(wall, 2),
+        rps=round((r["requests"] - errors) / wall, 1),
+        p50_ms=round(r["p50_us"] / 1000, 3),
+        p95_ms=round(r["p95_us"] / 1000, 3),
+        p99_ms=round(r["p99_us"] / 1000, 3),
+        generator_core_share=round(
+            (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / (wall * (os.cpu_count() or 1)), 4
+        ),
+    )
 
-    async def run() -> LoadResult:
-        lat: list[float] = []
-        errors = 0
-        conn = aiohttp.TCPConnector(limit=concurrency + 8)
-        async with aiohttp.ClientSession(connector=conn) as session:
-            t_start = time.perf_counter()
-            measure_from, end = t_start + warmup_s, t_start + warmup_s + seconds
 
-            async def client(i: int) -> None:
-                nonlocal errors
-                j = i
-                while (now := time.perf_counter()) < end:
-                    ok = await _post(session, url, bodies[j % len(bodies)])
-                    j += concurrency
-                    if now >= measure_from:
-                        if ok:
-                            lat.append(time.perf_counter() - now)
-                        else:
-                            errors += 1
+def backend_figures(model_dir: Path, threads: int, short: list[list[int]], batch: int = 64) -> dict[str, Any]:
+    """The engine alone on the backend the server picks (same settings resolution), on the same short texts: one
+    text at a time back to back, and full batches. The yardsticks for the served figures."""
+    from service.backends import load_backend
 
-            await asyncio.gather(*[client(i) for i in range(concurrency)])
-        return _result(server, texts, concurrency, None, lat, errors, seconds)
+    backend = load_backend(model_dir, "cpu", "auto", threads, "auto")
+    backend.warmup()
+    singles = []
+    for ids in short[:200]:
+        t0 = time.perf_counter()
+        backend.forward([ids])
+        singles.append(time.perf_counter() - t0)
+    batches = [short[i : i + batch] for i in range(0, len(short) - batch + 1, batch)] or [short]
+    t0 = time.perf_counter()
+    texts = 0
+    while time.perf_counter() - t0 < 3.0:
+        for b in batches:
+            backend.forward(b)
+            texts += len(b)
+    return {
+        "backend": backend.kind,
+        "precision": backend.info.precision,
+        "single_text_ms": round(1000 * float(np.median(singles)), 3),
+        "batch": batch,
+        "batch_texts_per_s": round(texts / (time.perf_counter() - t0), 1),
+    }
 
-    return asyncio.run(run())
 
-
-def open_loop(
-    url: str, bodies: list[bytes], rate: float, seconds: float, server: str, texts: str, max_in_flight: int = 512
-) -> LoadResult:
-    """Requests sent on a fixed schedule whatever the answers; latency counts from the scheduled send time, so a
-    slow server is charged for the queueing it causes (no coordinated omission)."""
-    import aiohttp
-
-    async def run() -> LoadResult:
-        lat: list[float] = []
-        errors = 0
-        sem = asyncio.Semaphore(max_in_flight)
-        conn = aiohttp.TCPConnector(limit=max_in_flight)
-        async with aiohttp.ClientSession(connector=conn) as session:
-            t0 = time.perf_counter()
-            n = int(rate * seconds)
-
-            async def one(i: int) -> None:
-                nonlocal errors
-                scheduled = t0 + i / rate
-                await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-                async with sem:
-                    try:
-                        ok = await _post(session, url, bodies[i % len(bodies)])
-                    except aiohttp.ClientError:
-                        ok = False
-                if ok:
-                    lat.append(time.perf_counter() - scheduled)
-                else:
-                    errors += 1
-
-            await asyncio.gather(*[one(i) for i in range(n)])
-            elapsed = time.perf_counter() - t0
-        return _result(server, texts, None, rate, lat, errors, elapsed)
-
-    return asyncio.run(run())
+def lone_requests(url: str, bodies: list[bytes], n: int = 40, gap_s: float = 0.05) -> dict[str, Any]:
+    """Requests one at a time with the server idle in between (as a lightly used service sees them): the server's
+    own x-inference-time and x-total-time, medians."""
+    inference, total = [], []
+    for body in bodies[:n]:
+        time.sleep(gap_s)
+        req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            inference.append(float(r.headers["x-inference-time"]))
+            total.append(float(r.headers["x-total-time"]))
+    return {
+        "requests": len(inference),
+        "gap_ms": gap_s * 1000,
+        "inference_ms_p50": round(float(np.median(inference)), 3),
+        "total_ms_p50": round(float(np.median(total)), 3),
+    }
 
 
 def naive_app(model_dir: str, threads: int) -> Any:

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,8 +31,10 @@ from service.config import Settings
 from service.engine.routing_stats import RoutingStats
 from service.errors import ErrorKind, ServiceError, deadline_exceeded, queue_full
 from service.metrics import Metrics
+from service.modeling.tokenizer import Encoded
 
 log = logging.getLogger(__name__)
+MIN_TICK_S = 0.01  # keep-warm: at most one two-token forward per 10 ms of idle time
 INLINE_TOKENIZE_CHARS = 1024  # requests up to this many characters are tokenized on the event loop itself
 
 
@@ -52,10 +55,12 @@ class ClassifyResult:
     inference_s: float  # summed forward time of the batches the request's texts ran in
 
 
+Finish = Callable[[object], None]  # called once with a request's results (list[TextResult]) or its ServiceError
+
+
 @dataclass(eq=False)
 class PendingRequest:
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    finish: Finish  # from the inference side: hands the outcome to whoever waits (an event loop, the model process)
     n: int
     deadline: float  # time.monotonic()
     return_routing: bool
@@ -81,14 +86,22 @@ class WorkItem:
     enqueued: float  # time.monotonic()
 
 
-def _set_result(fut: asyncio.Future, value: object) -> None:
+def _settle(fut: asyncio.Future, value: object) -> None:
     if not fut.done():
-        fut.set_result(value)
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
 
 
-def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+def future_finish(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> Finish:
+    """Finish a request by settling an asyncio future on its own event loop (thread-safe)."""
+
+    def finish(value: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, fut, value)
+
+    return finish
 
 
 def cut_batch(items: list[WorkItem], max_texts: int, max_tokens: int) -> tuple[list[WorkItem], list[WorkItem]]:
@@ -142,6 +155,8 @@ class ModelWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._texts_per_s = 0.0  # moving average of engine throughput, for Retry-After
+        self._last_batch = -math.inf  # monotonic end of the last batch: keep-warm ticks follow it (keep_warm_s)
+        self._tick_s = MIN_TICK_S
         self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
         self.batches_run = 0
         self.ready = False
@@ -157,9 +172,11 @@ class ModelWorker:
         self._m_padding = m.padding_ratio.labels(name)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, thread: bool = True) -> None:
+        """Warm up, and start the inference thread unless the caller runs batches itself (run_batch)."""
         self.backend.warmup()
-        self._thread.start()
+        if thread:
+            self._thread.start()
         self.ready = True
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -167,13 +184,15 @@ class ModelWorker:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            if self._thread.ident is None:  # no inference thread to do it (the model process runs the batches)
+                self._fail_all(ServiceError(ErrorKind.MODEL_NOT_READY, f"model {self.name!r} is shutting down"))
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def health_problem(self, hang_s: float) -> str | None:
         """Why this worker can no longer serve, if it cannot: its inference thread died, or one batch has run for
         longer than hang_s (a hung kernel or device)."""
-        if self.ready and not self._thread.is_alive():
+        if self.ready and self._thread.ident is not None and not self._thread.is_alive():
             return "inference thread died"
         started = self.busy_since
         if started is not None and time.monotonic() - started > hang_s:
@@ -204,22 +223,67 @@ class ModelWorker:
         self, texts: list[str], *, truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
     ) -> ClassifyResult:
         loop = asyncio.get_running_loop()
-        timeout_s = (
-            self.settings.request_timeout_s if timeout_s is None else min(timeout_s, self.settings.request_timeout_s)
-        )
-        # Whose deadline is it: a request's own timeout_ms below the server's cap is answered 408, not 504.
-        own_ms = round(timeout_s * 1000) if timeout_s < self.settings.request_timeout_s else None
-        deadline = time.monotonic() + timeout_s
+        deadline, own_ms = self._deadline(timeout_s)
         self._check_room(len(texts))  # refuse before any work: a refused request must not burn the cores
         t0 = time.perf_counter()
-        max_len = self.info.max_length
-        encode = self.backend.tokenizer.encode_batch
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            encoded = encode(texts, max_len)  # tens of microseconds: cheaper than a hop to the pool and back
+            encoded = self._encode(texts, truncate)  # tens of microseconds: cheaper than a hop to the pool and back
         else:
-            encoded = await loop.run_in_executor(self.tokenize_pool, encode, texts, max_len)
+            encoded = await loop.run_in_executor(self.tokenize_pool, self._encode, texts, truncate)
         tokenization_s = time.perf_counter() - t0
-        self._m_tokenization.observe(tokenization_s)
+        future = loop.create_future()
+        req = self._enqueue(encoded, deadline, own_ms, return_routing, future_finish(loop, future))
+        try:
+            done, _ = await asyncio.wait({future}, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            req.cancelled = True  # client went away: the inference thread skips what is still queued
+            future.cancel()
+            raise
+        if not done:
+            req.cancelled = True
+            future.cancel()  # a late result or error from the inference thread then goes nowhere, quietly
+            raise deadline_exceeded(self.name, own_ms)
+        return self._complete(req, future.result(), encoded, tokenization_s)
+
+    def submit(
+        self,
+        texts: list[str],
+        *,
+        truncate: bool,
+        return_routing: bool,
+        timeout_s: float | None,
+        finish: Callable[[ClassifyResult | ServiceError], None],
+    ) -> PendingRequest:
+        """classify() for a caller that runs the batches itself in the same thread (the model process): admits
+        the texts (tokenized here) and returns; `finish` gets the ClassifyResult or the ServiceError later, from
+        run_batch(). Refusals (429, 422, ...) are raised."""
+        deadline, own_ms = self._deadline(timeout_s)
+        self._check_room(len(texts))
+        t0 = time.perf_counter()
+        encoded = self._encode(texts, truncate)
+        tokenization_s = time.perf_counter() - t0
+
+        def done(value: object) -> None:
+            if isinstance(value, ServiceError):
+                finish(value)
+            else:
+                finish(self._complete(req, value, encoded, tokenization_s))  # type: ignore[arg-type]
+
+        req = self._enqueue(encoded, deadline, own_ms, return_routing, done)
+        return req
+
+    def _deadline(self, timeout_s: float | None) -> tuple[float, int | None]:
+        cap = self.settings.request_timeout_s
+        timeout_s = cap if timeout_s is None else min(timeout_s, cap)
+        # Whose deadline is it: a request's own timeout_ms below the server's cap is answered 408, not 504.
+        own_ms = round(timeout_s * 1000) if timeout_s < cap else None
+        return time.monotonic() + timeout_s, own_ms
+
+    def _encode(self, texts: list[str], truncate: bool) -> list[Encoded]:
+        t0 = time.perf_counter()
+        max_len = self.info.max_length
+        encoded = self.backend.tokenizer.encode_batch(texts, max_len)
+        self._m_tokenization.observe(time.perf_counter() - t0)
         if not truncate:
             for i, enc in enumerate(encoded):
                 if enc.truncated:
@@ -229,29 +293,27 @@ class ModelWorker:
                         f"model {self.name!r} accepts ({max_len}); shorten it or send truncate=true",
                         field=f"inputs[{i}]",
                     )
-        req = PendingRequest(loop, loop.create_future(), len(texts), deadline, return_routing, own_ms=own_ms)
+        return encoded
+
+    def _enqueue(
+        self, encoded: list[Encoded], deadline: float, own_ms: int | None, return_routing: bool, finish: Finish
+    ) -> PendingRequest:
         now = time.monotonic()
         if now >= deadline:
             raise deadline_exceeded(self.name, own_ms)
-        items = [WorkItem(req, i, e.ids, e.truncated, now) for i, e in enumerate(encoded)]
-        self._admit(items)
-        try:
-            done, _ = await asyncio.wait({req.future}, timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.CancelledError:
-            req.cancelled = True  # client went away: the inference thread skips what is still queued
-            req.future.cancel()
-            raise
-        if not done:
-            req.cancelled = True
-            req.future.cancel()  # a late result or error from the inference thread then goes nowhere, quietly
-            raise deadline_exceeded(self.name, own_ms)
-        results: list[TextResult] = req.future.result()
-        if return_routing:
+        req = PendingRequest(finish, len(encoded), deadline, return_routing, own_ms=own_ms)
+        self._admit([WorkItem(req, i, e.ids, e.truncated, now) for i, e in enumerate(encoded)])
+        return req
+
+    def _complete(
+        self, req: PendingRequest, results: list[TextResult], encoded: list[Encoded], tokenization_s: float
+    ) -> ClassifyResult:
+        if req.return_routing:
             vocab = self.backend.tokenizer.tokenizer
             for r, enc in zip(results, encoded, strict=True):
                 r.tokens = [vocab.id_to_token(t) or "" for t in enc.ids]
         # Counted here, once, for every API that classifies (/v1 and /v2 alike).
-        self._m_texts.inc(len(texts))
+        self._m_texts.inc(len(results))
         truncated = sum(r.truncated for r in results)
         if truncated:
             self._m_truncated.inc(truncated)
@@ -293,28 +355,65 @@ class ModelWorker:
         """One batch. Returns False once the worker is stopping."""
         with self._cond:
             idle = not self._queue
-            while not self._queue and not self._stopping:
-                self._cond.wait()
+            self._wait_for_work()
             if self._stopping:
                 self._fail_all(ServiceError(ErrorKind.MODEL_NOT_READY, f"model {self.name!r} is shutting down"))
                 return False
             if not idle:
                 self._wait_for_more()
+        self.run_batch()
+        return True
+
+    def run_batch(self) -> None:
+        """Cut one batch from the queue and run it; each request is finished once all its texts have run."""
+        with self._cond:
             batch = self._cut_batch()
             self._m_queue.set(len(self._queue))
-        if batch:
-            self.busy_since = time.monotonic()
-            try:
-                self._execute(batch)
-            except Exception:
-                # The id ties each failed request's 500 to this log line; the response carries no trace.
-                error_id = uuid.uuid4().hex[:12]
-                log.exception("model %s: batch of %d texts failed (error id %s)", self.name, len(batch), error_id)
-                message = f"model {self.name!r} failed on this batch (error id {error_id})"
-                self._fail(batch, ServiceError(ErrorKind.INTERNAL, message, headers={"x-error-id": error_id}))
-            finally:
-                self.busy_since = None
-        return True
+        if not batch:
+            return
+        self.busy_since = time.monotonic()
+        try:
+            self._execute(batch)
+        except Exception:
+            # The id ties each failed request's 500 to this log line; the response carries no trace.
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("model %s: batch of %d texts failed (error id %s)", self.name, len(batch), error_id)
+            message = f"model {self.name!r} failed on this batch (error id {error_id})"
+            self._fail(batch, ServiceError(ErrorKind.INTERNAL, message, headers={"x-error-id": error_id}))
+        finally:
+            self.busy_since = None
+            self._last_batch = time.monotonic()
+
+    @property
+    def batch_full(self) -> bool:
+        return len(self._queue) >= self.settings.max_batch_size or self._queued_tokens >= self.max_batch_tokens
+
+    def tick_due_in(self) -> float | None:
+        """Seconds until the next keep-warm tick (see _wait_for_work), or None when the engine may go cold."""
+        if time.monotonic() >= self._last_batch + self.settings.keep_warm_s:
+            return None
+        return self._tick_s
+
+    def tick(self) -> None:
+        t0 = time.perf_counter()
+        self.backend.forward([[1, 1]])
+        self._tick_s = max(MIN_TICK_S, 20 * (time.perf_counter() - t0))
+
+    def _wait_for_work(self) -> None:
+        """Called with the lock held; returns once texts are queued or the worker stops. For keep_warm_s after a
+        batch, an idle engine runs a two-token forward every tick: a lone request after a short pause then finds
+        the weights in cache and the thread awake (measured: 2.3 ms -> 1.2 ms for a short text on bbc-news-moe
+        after 50 ms idle). The tick interval keeps that work under 5% of a core."""
+        while not self._queue and not self._stopping:
+            due = self.tick_due_in()
+            if due is None:
+                self._cond.wait()
+            elif not self._cond.wait(due):
+                self._cond.release()
+                try:
+                    self.tick()
+                finally:
+                    self._cond.acquire()
 
     def _wait_for_more(self) -> None:
         """Busy engine: give a not-yet-full batch up to max_wait_ms to fill. An idle engine never waits."""
@@ -322,11 +421,7 @@ class ModelWorker:
         if wait_s <= 0:
             return
         end = time.monotonic() + wait_s
-        while (
-            len(self._queue) < self.settings.max_batch_size
-            and self._queued_tokens < self.max_batch_tokens
-            and not self._stopping
-        ):
+        while not self.batch_full and not self._stopping:
             left = end - time.monotonic()
             if left <= 0:
                 return
@@ -338,8 +433,7 @@ class ModelWorker:
             return True
         if now >= req.deadline:
             req.failed = True  # counted in the failure metrics by the API's error handler, like every 504
-            with contextlib.suppress(RuntimeError):  # its event loop is gone: nobody is waiting any more
-                req.loop.call_soon_threadsafe(_set_exception, req.future, deadline_exceeded(self.name, req.own_ms))
+            req.finish(deadline_exceeded(self.name, req.own_ms))
             return True
         return False
 
@@ -397,7 +491,7 @@ class ModelWorker:
                 seen.add(id(req))
                 req.inference_s += infer_s
             if req.remaining == 0:
-                req.loop.call_soon_threadsafe(_set_result, req.future, req.results)
+                req.finish(req.results)
 
     def _scale(self, logits: np.ndarray) -> np.ndarray:
         """Temperature scaling, once here for every backend: results carry logits / T, so softmax gives calibrated
@@ -410,8 +504,7 @@ class ModelWorker:
             req = it.request
             if not req.failed:
                 req.failed = True
-                with contextlib.suppress(RuntimeError):  # the request's event loop may be closed already
-                    req.loop.call_soon_threadsafe(_set_exception, req.future, err)
+                req.finish(err)
 
     def _fail_all(self, err: ServiceError) -> None:
         self._fail(list(self._queue), err)

@@ -39,8 +39,11 @@ BackendLoader = Callable[[Path], Backend]
 
 
 class Engine:
-    def __init__(self, settings: Settings, metrics: Metrics, loader: BackendLoader | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, loader: BackendLoader | None = None, threads: bool = True
+    ) -> None:
         self.settings = settings
+        self.threads = threads  # False: the caller runs the batches (the model process's loop), no inference threads
         self.metrics = metrics
         # How a model folder becomes a backend: load_backend with the settings; tests may pass a fake.
         self.loader = loader or self._load_backend
@@ -80,7 +83,7 @@ class Engine:
         profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
         worker = ModelWorker(backend, s, self.metrics, self.tokenize_pool, profile)
         worker.evaluation = eval_summary(path)
-        worker.start()
+        worker.start(thread=self.threads)
         self.workers[worker.name] = worker
         self.metrics.model_info.labels(worker.name, backend.kind, backend.device, backend.info.precision).set(1)
         info = (worker.name, backend.device, backend.kind, backend.info.precision)

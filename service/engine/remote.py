@@ -27,12 +27,15 @@ from service.config import Settings
 from service.engine import ipc
 from service.engine.batcher import ClassifyResult
 from service.engine.handle import lookup
-from service.engine.model_process import SETTINGS_ENV
+from service.engine.model_process import SETTINGS_ENV, configure
 from service.errors import ErrorKind, ServiceError, deadline_exceeded
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 1.0
 REPLY_SLACK_S = 5.0  # the model process answers its own deadlines; this only guards against a silent one
+# Pings are answered between batches, so a long batch delays them: the model process's own watchdog (checking every
+# second) reports a batch over worker_hang_s and exits first; this kill is for a process that cannot even do that.
+PING_SLACK_S = 5.0
 
 
 class RemoteModel:
@@ -87,6 +90,7 @@ class RemoteEngine:
         self._tasks: list[asyncio.Task] = []
         self._on_fatal: Callable[[str], None] = lambda _: None
         self.proc: asyncio.subprocess.Process | None = None
+        self._closing = False
 
     @property
     def workers(self) -> dict[str, RemoteModel]:
@@ -108,7 +112,7 @@ class RemoteEngine:
         )
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        configure(self.sock)
         self.sock.connect(self.address)
         self._tasks.append(asyncio.ensure_future(self._read()))
         exited = asyncio.ensure_future(self.proc.wait())
@@ -128,6 +132,7 @@ class RemoteEngine:
         self._on_fatal = on_fatal
 
     async def close(self) -> None:
+        self._closing = True
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(zmq.ZMQError):
                 await self.sock.send_multipart(ipc.encode({"op": "stop", "id": 0}))
@@ -182,7 +187,7 @@ class RemoteEngine:
     async def _watch_exit(self) -> None:
         assert self.proc is not None
         code = await self.proc.wait()
-        if self.fatal is None:
+        if self.fatal is None and not self._closing:
             self._die(f"model process exited with code {code}")
 
     async def _ping(self) -> None:
@@ -190,10 +195,10 @@ class RemoteEngine:
         while self.fatal is None:
             await asyncio.sleep(PING_EVERY_S)
             try:
-                await self.call("ping", self.settings.worker_hang_s)
+                await self.call("ping", self.settings.worker_hang_s + PING_SLACK_S)
             except ServiceError:
                 if self.fatal is None and self.proc is not None and self.proc.returncode is None:
-                    hang_s = self.settings.worker_hang_s
+                    hang_s = self.settings.worker_hang_s + PING_SLACK_S
                     log.critical("model process %d did not answer for %g s: killing it", self.proc.pid, hang_s)
                     self.proc.kill()
                 return

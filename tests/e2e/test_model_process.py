@@ -66,8 +66,8 @@ def _post_in_background(url: str) -> tuple[threading.Thread, dict]:
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_a_lost_model_process_gives_503_and_a_non_zero_exit(models_dir: Path, tmp_path: Path, fault: str) -> None:
     """killed: SIGKILL while a request waits. hung: SIGSTOP, so it cannot even answer pings; after
-    MOE_WORKER_HANG_S the API process kills it. Either way the waiting request gets a clean 503 and the server
-    exits 3, for an orchestrator to restart it."""
+    MOE_WORKER_HANG_S (plus a slack for long batches) the API process kills it. Either way the waiting request gets
+    a clean 503 and the server exits 3, for an orchestrator to restart it."""
     proc, url = _spawn(models_dir, tmp_path / "log", MOE_WORKER_HANG_S="1.5")
     try:
         (model_pid,) = _children(proc.pid)
@@ -88,7 +88,7 @@ def test_a_lost_model_process_gives_503_and_a_non_zero_exit(models_dir: Path, tm
             proc.kill()
             proc.wait()
     log = (tmp_path / "log").read_text()
-    expected = "exited with code -9" if fault == "killed" else "did not answer for 1.5 s"
+    expected = "exited with code -9" if fault == "killed" else "did not answer for 6.5 s"  # hang + ping slack
     assert expected in log, log
 
 

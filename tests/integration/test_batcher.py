@@ -14,7 +14,7 @@ import pytest
 from service.backends import load_backend
 from service.backends.base import Backend
 from service.config import Settings
-from service.engine.batcher import ModelWorker, PendingRequest, WorkItem
+from service.engine.batcher import ModelWorker, PendingRequest, WorkItem, future_finish
 from service.errors import ServiceError
 from service.metrics import Metrics
 
@@ -38,6 +38,14 @@ def _count_expert_calls(backend: Backend) -> Counter:
     return calls
 
 
+def _request(loop: asyncio.AbstractEventLoop, deadline: float, own_ms: int | None = None) -> PendingRequest:
+    """A one-text request finished through an asyncio future, kept on it as .future for the assertions."""
+    future = loop.create_future()
+    req = PendingRequest(future_finish(loop, future), 1, deadline, False, own_ms=own_ms)
+    req.future = future  # type: ignore[attr-defined]
+    return req
+
+
 def test_n_requests_one_batch_one_matmul_per_expert_per_layer(tiny_model_dir: Path) -> None:
     """32 concurrent requests run as one batch: each active expert's GEMM runs once per MoE layer, not 32 times."""
     worker = _worker(tiny_model_dir, max_wait_ms=0)
@@ -45,15 +53,16 @@ def test_n_requests_one_batch_one_matmul_per_expert_per_layer(tiny_model_dir: Pa
 
     async def run() -> list:
         loop = asyncio.get_running_loop()
-        reqs = []
+        reqs, futures = [], []
         for i in range(32):  # queued before the inference thread starts, so the first cut sees them all
-            req = PendingRequest(loop, loop.create_future(), 1, time.monotonic() + 60, False)
+            req = _request(loop, time.monotonic() + 60)
+            futures.append(req.future)
             ids = worker.backend.tokenizer.encode_batch([f"report number {i} on shares and football"], 64)[0].ids
             worker._admit([WorkItem(req, 0, ids, False, time.monotonic())])
             reqs.append(req)
         worker._thread.start()
         worker.ready = True
-        return await asyncio.gather(*[r.future for r in reqs])
+        return await asyncio.gather(*futures)
 
     results = asyncio.run(run())
     worker.stop()
@@ -87,7 +96,7 @@ def test_cut_batch_is_length_aware_and_keeps_the_oldest(tiny_model_dir: Path) ->
     lengths = [10, 60, 12, 64, 11, 9, 61, 13]
     items = []
     for i, n in enumerate(lengths):
-        req = PendingRequest(loop, loop.create_future(), 1, now + 60, False)
+        req = _request(loop, now + 60)
         items.append(WorkItem(req, 0, [1] * n, False, now + i * 1e-3))
     worker._admit(items)
     with worker._cond:
@@ -108,10 +117,10 @@ def test_expired_and_cancelled_items_never_reach_the_model(tiny_model_dir: Path)
     worker = _worker(tiny_model_dir)
     loop = asyncio.new_event_loop()
     now = time.monotonic()
-    expired = PendingRequest(loop, loop.create_future(), 1, now - 1, False)
-    cancelled = PendingRequest(loop, loop.create_future(), 1, now + 60, False)
+    expired = _request(loop, now - 1)
+    cancelled = _request(loop, now + 60)
     cancelled.cancelled = True
-    live = PendingRequest(loop, loop.create_future(), 1, now + 60, False)
+    live = _request(loop, now + 60)
     worker._admit([WorkItem(r, 0, [1, 2, 3], False, now) for r in (expired, cancelled, live)])
     with worker._cond:
         batch = worker._cut_batch()
@@ -131,7 +140,7 @@ def test_model_error_fails_its_batch_and_the_worker_lives_on(tiny_model_dir: Pat
 
     async def run():
         loop = asyncio.get_running_loop()
-        bad = PendingRequest(loop, loop.create_future(), 1, time.monotonic() + 30, False)
+        bad = _request(loop, time.monotonic() + 30)
         worker._admit([WorkItem(bad, 0, [10**6], False, time.monotonic())])
         with pytest.raises(ServiceError, match="failed on this batch") as failed:
             await bad.future
@@ -190,8 +199,8 @@ def test_own_deadline_passing_in_the_queue_is_408_too(tiny_model_dir: Path) -> N
     worker = _worker(tiny_model_dir)
     loop = asyncio.new_event_loop()
     past = time.monotonic() - 1
-    own = PendingRequest(loop, loop.create_future(), 1, past, False, own_ms=5)
-    capped = PendingRequest(loop, loop.create_future(), 1, past, False)
+    own = _request(loop, past, own_ms=5)
+    capped = _request(loop, past)
     worker._admit([WorkItem(r, 0, [1, 2], False, past) for r in (own, capped)])
     with worker._cond:
         assert worker._cut_batch() == []

@@ -5,6 +5,7 @@ runs in milliseconds. Every request must be resolved exactly once, and results m
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from hypothesis import given, settings
@@ -66,3 +67,24 @@ def test_every_request_resolved_once_and_equal_to_unbatched(reqs: list, max_batc
         assert action != "timeout"  # a microsecond deadline cannot be met
         assert [r.logits.tolist() for r in out.results] == [expected_logits(t) for t in texts]
     assert worker.queued_texts == 0
+
+
+def test_keep_warm_ticks_follow_a_batch_and_stop_after_keep_warm_s() -> None:
+    backend = FakeBackend()
+    worker = ModelWorker(backend, Settings(keep_warm_s=0.3, max_wait_ms=0), Metrics(), ThreadPoolExecutor(1))
+    worker.start()
+    try:
+        time.sleep(0.2)
+        assert backend.calls == 0  # never used: nothing to keep warm
+        asyncio.run(worker.classify(["a text"]))
+        after_batch = backend.calls
+        time.sleep(0.15)
+        ticks = backend.calls - after_batch
+        assert 3 <= ticks <= 16, ticks  # one per 10 ms at most
+        time.sleep(0.4)
+        settled = backend.calls
+        time.sleep(0.2)
+        assert backend.calls == settled  # keep_warm_s passed: idle means idle
+        assert worker.batches_run == 1 and worker.stats.snapshot()["since_start"]["texts"] == 1  # ticks are not traffic
+    finally:
+        worker.stop()
