@@ -39,6 +39,10 @@ class TorchBackend(Backend):
         # bf16 runs every weight and activation in bfloat16 (AVX512_BF16 / AMX on CPU, tensor cores on GPU); routing
         # softmax and pooling sums stay fp32 inside the model.
         self.model = bundle.model.to(PRECISIONS[precision])
+        if self.device == "cpu" and precision == "bf16":
+            # bf16 GEMMs are compiled per shape by oneDNN; measured: random served batches 296 -> 634 texts/s on
+            # bbc-news-minilm-moe. fp32 gains nothing (its kernels are not compiled per shape) and pays the padding.
+            self.model.use_row_buckets()
         self.tokenizer = bundle.tokenizer
         self.pad_id = bundle.tokenizer.pad_id
         self.info = model_info(read_folder(model_dir, WEIGHTS_FILE), precision)

@@ -59,6 +59,7 @@ class ModelServer:
         self.workers = list(engine.workers.values())
         self.pending: dict[tuple[bytes, int], PendingRequest] = {}  # for cancellation
         self.stopping = False
+        self.busy = False  # the last turn ran batches
 
     def run(self) -> None:
         ctx = zmq.Context()
@@ -78,6 +79,7 @@ class ModelServer:
 
     def _turn(self) -> None:
         busy = [w for w in self.workers if w.queued_texts]
+        was_busy, self.busy = self.busy, bool(busy)
         if not busy:
             ticks = [(due, w) for w in self.workers if (due := w.tick_due_in()) is not None]
             wait_s = min(due for due, _ in ticks) if ticks else None
@@ -88,7 +90,8 @@ class ModelServer:
                     w.tick()  # idle for a tick: keep the engine warm (ModelWorker.keep_warm_s)
             return
         for w in busy:
-            self._fill(w)
+            if was_busy:  # an idle engine never waits: a lone request runs at once
+                self._fill(w)
             w.run_batch()
         if self._poll(0):
             self._drain()

@@ -25,6 +25,7 @@ from service.modeling.moe import (
     load_balancing_loss,
     router_z_loss,
 )
+from service.modeling.row_buckets import rows_bucketed
 
 
 @dataclass
@@ -78,10 +79,17 @@ class SelfAttention(nn.Module):
     # Set once on a model about to be exported (service/modeling/onnx_export.py): plain matmul-softmax-matmul with an
     # additive mask, which graph runtimes fuse, instead of SDPA's boolean-mask export (Where/IsNaN over the scores).
     explicit: bool = False
+    row_buckets: bool = False  # serving on CPU: GEMM rows padded to a few sizes (service/modeling/row_buckets.py)
+
+    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not self.row_buckets:
+            return layer(x)
+        return rows_bucketed(layer, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], layer.out_features)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         b, length, d = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        qkv = self._linear(self.qkv, x)
+        q, k, v = qkv.view(b, length, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.explicit:
             # Padded keys get -1e9: exp underflows to exactly 0, as with SDPA's boolean mask (every row has a key).
             bias = (1.0 - key_mask.to(q.dtype))[:, None, None, :] * -1e9
@@ -92,7 +100,7 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
             )
-        return self.out(y.transpose(1, 2).reshape(b, length, d))
+        return self._linear(self.out, y.transpose(1, 2).reshape(b, length, d))
 
 
 class DenseFeedForward(nn.Module):
@@ -102,8 +110,13 @@ class DenseFeedForward(nn.Module):
         self.fc2 = nn.Linear(d_ff, d_model)
         self.act = activation_fn(activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    row_buckets: bool = False  # see SelfAttention
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rows_bucketed(self._mlp, x) if self.row_buckets and x.dim() == 2 else self._mlp(x)
 
 
 class Block(nn.Module):
@@ -181,6 +194,15 @@ class MoEClassifier(nn.Module):
             h = self.emb_norm(h)
         return self.emb_drop(h)
 
+    row_buckets: bool = False  # see SelfAttention; set on every module by use_row_buckets
+
+    def use_row_buckets(self, on: bool = True) -> None:
+        """Serving on CPU: pad GEMM rows to a few sizes so oneDNN compiles each kernel once. Not for export (a
+        traced graph would freeze the padding) or training."""
+        for m in self.modules():
+            if hasattr(type(m), "row_buckets"):
+                m.row_buckets = on
+
     @property
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]
@@ -211,7 +233,8 @@ class MoEClassifier(nn.Module):
         per_sequence_experts switches the MoE layers to the padded, one-sequence-at-a-time baseline (benchmarks);
         no routing is reported then."""
         h, packed, routing = self.encode(input_ids, attention_mask, per_sequence_experts)
-        logits = self.head(self.pool(h, packed))
+        pooled = self.pool(h, packed)
+        logits = rows_bucketed(self.head, pooled) if self.row_buckets else self.head(pooled)
         aux = z = logits.new_zeros(())
         if self.training:  # the routing losses are training's business: serving does not pay for them
             aux = sum((load_balancing_loss(r, self.config.num_experts) for r in routing), aux)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.modeling.row_buckets import rows_bucketed
+
 
 @dataclass
 class RouterOutput:
@@ -127,8 +129,11 @@ class MoEFeedForward(nn.Module):
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
 
+    row_buckets: bool = False  # serving on CPU: GEMM rows padded to a few sizes (service/modeling/row_buckets.py)
+
     def route(self, x: torch.Tensor) -> RouterOutput:
-        return route(self.router(x), self.top_k)
+        logits = rows_bucketed(self.router, x) if self.row_buckets else self.router(x)
+        return route(logits, self.top_k)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         """x: packed tokens [T, d]. Returns (output [T, d], routing)."""
@@ -187,7 +192,11 @@ class MoEFeedForward(nn.Module):
         start = 0
         for e, c in enumerate(counts):
             if c:
-                outs.append(self.expert_mlp(e, rows[start : start + c]))
+                group = rows[start : start + c]
+                if self.row_buckets:
+                    outs.append(rows_bucketed(lambda g, e=e: self.expert_mlp(e, g), group))
+                else:
+                    outs.append(self.expert_mlp(e, group))
                 start += c
         y_sorted = torch.cat(outs, dim=0)
         t2 = clock() if clock else 0.0

@@ -169,3 +169,27 @@ def test_half_precision_storage_loads_as_fp32(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="weights_dtype"):
         save_model(tmp_path / "bad", model, tok, ["a", "b", "c"], weights_dtype="int8")
+
+
+@pytest.mark.parametrize("kw", [{}, {"moe_every": 2}, {"attention": [True, False]}])
+def test_row_buckets_give_the_plain_model_s_answers(kw: dict) -> None:
+    """Serving on CPU pads GEMM rows to buckets (service/modeling/row_buckets.py): same logits and routing as the
+    plain model, in fp32 within 1e-5, for batch sizes around bucket edges."""
+    plain, bucketed = _model(**kw), _model(**kw)
+    bucketed.use_row_buckets()
+    assert bucketed.blocks[0].ffn.row_buckets and not plain.blocks[0].ffn.row_buckets
+    for n in (1, 3, 16, 17, 40):
+        seqs = _texts(n, seed=n)
+        with torch.no_grad():
+            a, b = plain(*pad_batch(seqs)), bucketed(*pad_batch(seqs))
+        torch.testing.assert_close(b.logits, a.logits, atol=TOL, rtol=TOL)
+        for ra, rb in zip(a.routing, b.routing, strict=True):
+            assert torch.equal(ra.expert_ids, rb.expert_ids)
+
+
+def test_bucket_sizes_are_few_and_waste_little() -> None:
+    from service.modeling.row_buckets import bucket
+
+    sizes = {bucket(n) for n in range(1, 16385)}
+    assert len(sizes) <= 72
+    assert all(bucket(n) >= n and (n <= 64 or bucket(n) - n <= n / 8) for n in range(1, 16385))
