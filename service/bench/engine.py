@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from service.modeling.artifacts import ModelBundle
-from service.modeling.classifier import ModelConfig, MoEClassifier, pad_batch
+from service.modeling.classifier import ModelConfig, MoEClassifier, PackedBatch, pad_batch
 from service.modeling.moe import MoEFeedForward
 
 
@@ -64,6 +66,45 @@ class EngineRow:
     gflops: float
 
 
+class PerSequenceExperts(nn.Module):
+    """Benchmark baseline standing in for a MoE layer: the padded [B, L] layout with the experts run once per
+    sequence, as a server without expert grouping would. Same maths for real tokens; padding rows are computed
+    and dropped. The packing of the batch is set before each forward (the layer itself only sees packed rows)."""
+
+    def __init__(self, moe: MoEFeedForward) -> None:
+        super().__init__()
+        self.moe = moe
+        self.packed: PackedBatch | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        assert self.packed is not None
+        padded = self.packed.unpack(x)
+        return self.packed.pack(torch.stack([self.moe(padded[b])[0] for b in range(padded.shape[0])])), None
+
+
+@contextlib.contextmanager
+def experts_per_sequence(model: MoEClassifier) -> Iterator[Callable[[torch.Tensor, torch.Tensor], Any]]:
+    """Within: a forward(ids, mask) whose MoE layers run per sequence (PerSequenceExperts); the model is restored
+    afterwards."""
+    blocks = [b for b in model.blocks if b.is_moe]
+    originals = [b.ffn for b in blocks]
+    wrappers = [PerSequenceExperts(f) for f in originals]  # type: ignore[arg-type]
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor) -> Any:
+        packed = PackedBatch.from_mask(mask)
+        for w in wrappers:
+            w.packed = packed
+        return model(ids, mask)
+
+    for b, w in zip(blocks, wrappers, strict=True):
+        b.ffn = w
+    try:
+        yield forward
+    finally:
+        for b, f in zip(blocks, originals, strict=True):
+            b.ffn = f
+
+
 def _batches(seqs: list[list[int]], batch_size: int) -> list[list[list[int]]]:
     # Sorted by length, as the server's length-aware batcher would group them.
     ordered = sorted(seqs, key=len)
@@ -84,7 +125,7 @@ def engine_modes(
         singles = [pad_batch([s]) for s in seqs]
         runs = {
             "per_request": lambda singles=singles: [model(ids, mask) for ids, mask in singles],
-            "padded": lambda padded=padded: [model(ids, mask, per_sequence_experts=True) for ids, mask in padded],
+            "padded": lambda padded=padded: _per_sequence(model, padded),
             "grouped": lambda padded=padded: [model(ids, mask) for ids, mask in padded],
         }
         for mode, fn in runs.items():
@@ -104,6 +145,11 @@ def engine_modes(
     return rows
 
 
+def _per_sequence(model: MoEClassifier, padded: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Any]:
+    with experts_per_sequence(model) as forward:
+        return [forward(ids, mask) for ids, mask in padded]
+
+
 @torch.inference_mode()
 def moe_layer_split(layer: MoEFeedForward, tokens: int, repeats: int) -> dict[str, Any]:
     """Time of one MoE layer on `tokens` packed tokens, split into routing / permute / experts / combine.
@@ -113,13 +159,18 @@ def moe_layer_split(layer: MoEFeedForward, tokens: int, repeats: int) -> dict[st
     x = torch.randn(tokens, layer.d_model)
     samples: list[dict[str, float]] = []
     for i in range(repeats + 1):
-        timings: dict[str, float] = {}
+        # The phases of grouped_forward, each timed on its own (CPU: kernels run as they are called).
         t0 = time.perf_counter()
         r = layer.route(x)
-        timings["routing"] = time.perf_counter() - t0
-        layer.grouped_forward(x, r, timings=timings)
+        t1 = time.perf_counter()
+        rows, order, counts = layer.permute(x, r)
+        t2 = time.perf_counter()
+        y_sorted = layer.run_experts(rows, counts)
+        t3 = time.perf_counter()
+        layer.fuse(y_sorted, order, r)
+        t4 = time.perf_counter()
         if i:  # first run is warm-up
-            samples.append(timings)
+            samples.append({"routing": t1 - t0, "permute": t2 - t1, "experts": t3 - t2, "combine": t4 - t3})
     split = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
     total = sum(split.values())
     flops = 2 * tokens * layer.d_model * layer.num_experts + layer.top_k * 4 * tokens * layer.d_model * layer.d_ff

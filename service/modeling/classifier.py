@@ -139,7 +139,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, h: torch.Tensor, packed: PackedBatch, key_mask: torch.Tensor, per_sequence: bool = False
+        self, h: torch.Tensor, packed: PackedBatch, key_mask: torch.Tensor
     ) -> tuple[torch.Tensor, RouterOutput | None]:
         if self.attn is not None:
             assert self.norm1 is not None
@@ -149,21 +149,12 @@ class Block(nn.Module):
                 h = self.norm1(h)
         x = h if self.post_norm else self.norm2(h)
         r = None
-        if self.is_moe and per_sequence:
-            y = self._moe_per_sequence(x, packed)
-        elif self.is_moe:
+        if self.is_moe:
             y, r = self.ffn(x)
         else:
             y = self.ffn(x)
         h = h + self.drop(y)
         return (self.norm2(h) if self.post_norm else h), r
-
-    def _moe_per_sequence(self, x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
-        """Baseline for benchmarks only: the padded [B, L] layout with the experts run once per sequence, as a
-        server without expert grouping would. Same maths for real tokens; padding rows are computed and dropped."""
-        padded = packed.unpack(x)
-        out = torch.stack([self.ffn(padded[b])[0] for b in range(padded.shape[0])])
-        return packed.pack(out)
 
 
 class MoEClassifier(nn.Module):
@@ -208,7 +199,7 @@ class MoEClassifier(nn.Module):
         return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]
 
     def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_sequence_experts: bool = False
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, PackedBatch, list[RouterOutput]]:
         """The encoder alone: packed last hidden states [T, d], the packing, and routing per MoE layer."""
         if input_ids.shape[1] > self.config.max_length:
@@ -218,21 +209,16 @@ class MoEClassifier(nn.Module):
         h = self.embed(input_ids.reshape(-1).index_select(0, packed.flat_index), packed)
         routing: list[RouterOutput] = []
         for block in self.blocks:
-            h, r = block(h, packed, key_mask, per_sequence_experts)
+            h, r = block(h, packed, key_mask)
             if r is not None:
                 routing.append(r)
         if self.norm is not None:
             h = self.norm(h)
         return h, packed, routing
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_sequence_experts: bool = False
-    ) -> ClassifierOutput:
-        """input_ids, attention_mask: [B, L]; every row must have at least one real token.
-
-        per_sequence_experts switches the MoE layers to the padded, one-sequence-at-a-time baseline (benchmarks);
-        no routing is reported then."""
-        h, packed, routing = self.encode(input_ids, attention_mask, per_sequence_experts)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ClassifierOutput:
+        """input_ids, attention_mask: [B, L]; every row must have at least one real token."""
+        h, packed, routing = self.encode(input_ids, attention_mask)
         pooled = self.pool(h, packed)
         logits = rows_bucketed(self.head, pooled) if self.row_buckets else self.head(pooled)
         aux = z = logits.new_zeros(())

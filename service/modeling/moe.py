@@ -14,7 +14,6 @@ slow and exists so tests can check the fast path against plain maths.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -164,30 +163,28 @@ class MoEFeedForward(nn.Module):
         h = self._act(torch.addmm(self.b1[e], rows, self.w1[e]))
         return torch.addmm(self.b2[e], h, self.w2[e])
 
-    def grouped_forward(
-        self,
-        x: torch.Tensor,
-        r: RouterOutput,
-        counts: list[int] | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> torch.Tensor:
-        """One GEMM pair per active expert over all tokens routed to it.
+    def grouped_forward(self, x: torch.Tensor, r: RouterOutput, counts: list[int] | None = None) -> torch.Tensor:
+        """One GEMM pair per active expert over all tokens routed to it: permute, experts, combine.
 
         ``counts`` (tokens per expert) may be passed when the caller already has them on the host, which saves
-        a device sync on GPU. ``timings``, when given, accumulates seconds per phase (permute / experts /
-        combine) for the benchmark's time split; CPU only, since it reads the clock between kernels.
-        """
-        t, k = r.expert_ids.shape
-        if t == 0:
+        a device sync on GPU."""
+        if r.expert_ids.shape[0] == 0:
             return x.new_zeros(x.shape)
-        clock = time.perf_counter if timings is not None else None
-        t0 = clock() if clock else 0.0
+        rows, order, counts = self.permute(x, r, counts)
+        return self.fuse(self.run_experts(rows, counts), order, r)
+
+    def permute(
+        self, x: torch.Tensor, r: RouterOutput, counts: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The routed rows grouped by expert (one gathered copy), their assignment order, tokens per expert."""
+        k = r.expert_ids.shape[1]
         flat_e = r.expert_ids.reshape(-1)  # [T*k], assignment a = token a // k, slot a % k
         order = torch.argsort(flat_e, stable=True)  # assignments grouped by expert, token order kept
         if counts is None:
             counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
-        rows = x.index_select(0, order // k)  # the one gathered copy of the routed rows
-        t1 = clock() if clock else 0.0
+        return x.index_select(0, order // k), order, counts
+
+    def run_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs = []
         start = 0
         for e, c in enumerate(counts):
@@ -198,19 +195,16 @@ class MoEFeedForward(nn.Module):
                 else:
                     outs.append(self.expert_mlp(e, group))
                 start += c
-        y_sorted = torch.cat(outs, dim=0)
-        t2 = clock() if clock else 0.0
-        # Unpermute back to [T, k, d] and combine: the k terms of a token are always summed in slot order, so the
-        # result for a token is the same whatever else is in the batch.
+        return torch.cat(outs, dim=0)
+
+    def fuse(self, y_sorted: torch.Tensor, order: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        """Unpermute back to [T, k, d] and fuse by the gates: the k terms of a token are always summed in slot
+        order, so the result for a token is the same whatever else is in the batch."""
+        t, k = r.expert_ids.shape
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         y = y_sorted.index_select(0, inverse).view(t, k, -1)
-        out = torch.einsum("tkd,tk->td", y, combine_weights(r, self.combine).to(y.dtype))
-        if timings is not None and clock is not None:
-            t3 = clock()
-            for name, dt in (("permute", t1 - t0), ("experts", t2 - t1), ("combine", t3 - t2)):
-                timings[name] = timings.get(name, 0.0) + dt
-        return out
+        return torch.einsum("tkd,tk->td", y, combine_weights(r, self.combine).to(y.dtype))
 
     def reference_forward(self, x: torch.Tensor, r: RouterOutput | None = None) -> torch.Tensor:
         """Plain maths: every expert on every token, weighted by a dense [T, E] gate matrix (zero off the top-k)."""

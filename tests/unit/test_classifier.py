@@ -106,10 +106,16 @@ def test_per_sequence_expert_baseline_matches_grouped() -> None:
     """The benchmark's padded, expert-per-request baseline computes the same logits as the grouped fast path."""
     model = _model()
     seqs = _texts(7)
+    from service.bench.engine import experts_per_sequence
+
     with torch.no_grad():
         grouped = model(*pad_batch(seqs)).logits
-        baseline = model(*pad_batch(seqs), per_sequence_experts=True).logits
+        with experts_per_sequence(model) as forward:
+            baseline = forward(*pad_batch(seqs)).logits
+        after = model(*pad_batch(seqs)).logits  # the model is itself again
     torch.testing.assert_close(baseline, grouped, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(after, grouped, atol=0, rtol=0)
+    assert all(type(b.ffn).__name__ == "MoEFeedForward" for b in model.blocks if b.is_moe)
 
 
 def test_any_tokenizer_json_loads(tmp_path: Path) -> None:
