@@ -40,10 +40,23 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app: Any, host: str, port: int, log_level: str, drain_s: float, grace_s: float) -> None:
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=grace_s
+def uvicorn_config(app: Any, host: str, port: int, log_level: str, grace_s: float) -> uvicorn.Config:
+    """uvloop and httptools named, not left to "auto": they are dependencies (uvicorn[standard]), and a silent
+    fallback to asyncio and h11 would cost a good part of the API process's throughput."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=grace_s,
+        loop="uvloop",
+        http="httptools",
     )
+
+
+def serve(app: Any, host: str, port: int, log_level: str, drain_s: float, grace_s: float) -> None:
+    config = uvicorn_config(app, host, port, log_level, grace_s)
     server = DrainingServer(config, app.state, drain_s)
     app.state.draining = False
     # A dead or hung worker asks the server to stop (no drain: nothing can be served).

@@ -124,3 +124,29 @@ def test_single_process_mode_gives_the_same_answers(models_dir: Path, tmp_path: 
         assert a["label"] == b["label"] and np.abs(sa - sb).max() < 1e-5
         assert a["routing"]["tokens"] == b["routing"]["tokens"]
         assert a["routing"]["layers"][0]["experts"] == b["routing"]["layers"][0]["experts"]
+
+
+def _sample(metrics: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix))
+
+
+def test_a_client_that_leaves_has_its_texts_dropped(models_dir: Path, tmp_path: Path) -> None:
+    """The API process tells the model process when a client disconnects; the texts never reach the model."""
+    proc, url = _spawn(models_dir, tmp_path / "log")
+    try:
+        (model_pid,) = _children(proc.pid)
+        assert httpx.post(f"{url}/v1/classify", json={"inputs": TEXTS}).status_code == 200
+        before = httpx.get(f"{url}/metrics").text
+        os.kill(model_pid, signal.SIGSTOP)  # the request below waits in the socket
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/classify", json={"inputs": ["the client leaves early"]}, timeout=1.0)
+        time.sleep(0.5)  # the API sees the disconnect and sends the cancel after the request
+        os.kill(model_pid, signal.SIGCONT)
+        time.sleep(1.0)
+        after = httpx.get(f"{url}/metrics").text
+    finally:
+        proc.kill()
+        proc.wait()
+    for name in ('moe_texts_total{model="tiny"}', 'moe_batch_size_texts_count{model="tiny"}'):
+        assert _sample(after, name) == _sample(before, name), name
+    assert _sample(after, 'moe_request_failures_total{model="tiny",reason="client_disconnected"}') == 1
