@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install tools serve test lint bench train-default train-minilm compare-models clean
+.PHONY: install tools image-test serve test lint bench train-default train-minilm compare-models clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,9 +13,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# Debian tools the tests use: promtool (checks the /metrics exposition) and wrk (light load generator).
+# Debian tools the tests use: prometheus and promtool (exposition, alert rules and their tests, a real scrape), wrk
+# (light load generator) and docker-compose (checks docker-compose.yml).
 tools:
 	@bash scripts/install-tools.sh
+
+# Builds the Dockerfile and runs the image (podman without a Docker engine; minutes, not part of `make test`).
+image-test: tools
+	bash scripts/image-test.sh
 
 serve: install
 	$(VENV)/bin/moe-serve serve --default-model bbc-news-minilm-moe

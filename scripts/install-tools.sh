@@ -2,7 +2,8 @@
 # Installs the Debian tools the test suite and benchmarks use, if missing: prometheus (promtool checks the /metrics
 # exposition, the alert rules and their unit tests; the server scrapes a real moe-serve in a test), wrk (light load
 # generator) and docker-compose (validates docker-compose.yml). With --image, also what `make image-test` needs:
-# podman and podman-compose (daemonless containers, no Docker engine needed) and debootstrap (a local base image).
+# podman, podman-compose and the CNI dnsname plugin (daemonless containers, no Docker engine needed), debootstrap (a
+# local base image) and curl.
 set -euo pipefail
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
@@ -12,6 +13,8 @@ command -v docker-compose >/dev/null || need+=(docker-compose)
 if [ "${1:-}" = --image ]; then
     command -v podman >/dev/null || need+=(podman)
     command -v podman-compose >/dev/null || need+=(podman-compose)
+    # name resolution between compose services on podman's CNI networks
+    [ -x /usr/lib/cni/dnsname ] || need+=(golang-github-containernetworking-plugin-dnsname)
     command -v debootstrap >/dev/null || need+=(debootstrap)
     command -v curl >/dev/null || need+=(curl)
 fi

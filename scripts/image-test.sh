@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Builds the real Dockerfile, runs the image and checks it: readiness, one prediction, /metrics, the non-root user,
+# the HEALTHCHECK, thread defaults from a CPU limit and models mounted at /models; then, where podman-compose is
+# there, brings up moe-serve and Prometheus from docker-compose.yml and checks that Prometheus scrapes it.
+# Uses docker when an engine answers, podman otherwise (installed with apt-get if missing). Where no image registry
+# can be reached, the base image is made locally (debootstrap) and torch comes from the wheel on this machine's disk;
+# the Dockerfile itself stays as every Docker user builds it. Removes the containers it started; the built images
+# stay as a cache for the next run (IMAGE_TEST_CLEAN=1 removes them too).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TAG=${IMAGE_TAG:-localhost/moe-serve:image-test}
+BASE_TAG=localhost/moe-serve-base:bookworm
+PROM_TAG=localhost/moe-serve-prometheus:image-test
+PROJECT=moe-serve-image-test-$$
+CACHE=${IMAGE_TEST_CACHE:-/var/tmp/moe-serve-image-test}
+NAME=moe-serve-image-test-$$
+WORK=$(mktemp -d)
+PIDS=()
+
+log() { printf '[image-test] %s\n' "$*" >&2; }
+fail() { log "FAIL: $*"; exit 1; }
+
+cleanup() {
+    local rc=$?
+    set +e
+    if [ -n "${COMPOSE_UP:-}" ]; then
+        $COMPOSE "${COMPOSE_FILES[@]}" down -v >/dev/null 2>&1
+        $ENGINE volume rm "${PROJECT}_extra-models" "${PROJECT}_prometheus-data" >/dev/null 2>&1
+    fi
+    ${ENGINE:-true} rm -f -v "$NAME" >/dev/null 2>&1
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    [ "${IMAGE_TEST_CLEAN:-0}" = 1 ] && ${ENGINE:-true} rmi -f "$TAG" "$PROM_TAG" >/dev/null 2>&1
+    rm -rf "$WORK"
+    [ $rc -eq 0 ] && log "PASS" || log "FAILED (exit $rc)"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# --- the engine ---------------------------------------------------------------------------------------------------
+pick_engine() {
+    if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+        ENGINE=docker BUILD_FORMAT=()
+        return
+    fi
+    command -v podman >/dev/null || bash scripts/install-tools.sh --image
+    ENGINE=podman
+    BUILD_FORMAT=(--format docker)  # the OCI format has no HEALTHCHECK
+    # Inside an unprivileged sandbox podman cannot raise ulimits or set a pids cgroup limit: switch both off, for
+    # this script only (CONTAINERS_CONF replaces the system file for the processes started here).
+    mkdir -p "$CACHE"
+    printf '[containers]\ndefault_ulimits = []\npids_limit = 0\n' > "$CACHE/containers.conf"
+    export CONTAINERS_CONF="$CACHE/containers.conf"
+}
+
+registry_reachable() {
+    timeout 30 $ENGINE pull -q docker.io/library/python:3.11-slim >/dev/null 2>&1
+}
+
+# --- a base image and a torch index without registries -----------------------------------------------------------
+# Debian bookworm (python 3.11) from the Debian mirror apt uses, with this machine's CA bundle (TLS to PyPI may go
+# through a proxy with its own CA) and a pip.conf that sends everything the torch index lacks to PyPI.
+local_base() {
+    if $ENGINE image exists "$BASE_TAG" 2>/dev/null || $ENGINE image inspect "$BASE_TAG" >/dev/null 2>&1; then
+        log "local base $BASE_TAG (cached)"
+        return
+    fi
+    command -v debootstrap >/dev/null || bash scripts/install-tools.sh --image
+    local root=$CACHE/rootfs mirror
+    mirror=$(grep -hoE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/* \
+        2>/dev/null | grep -oE 'https?://[^ ]+' | head -1 || true)
+    log "debootstrap bookworm from ${mirror:=http://deb.debian.org/debian}"
+    rm -rf "$root"
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+        bookworm "$root" "$mirror" >"$CACHE/debootstrap.log" 2>&1 || fail "debootstrap: see $CACHE/debootstrap.log"
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\nextra-index-url = https://pypi.org/simple\n' \
+        > "$root/etc/pip.conf"
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    tar -C "$root" -c . | $ENGINE import --change 'CMD ["/bin/bash"]' - "$BASE_TAG" >/dev/null
+    rm -rf "$root"
+}
+
+# A one-package simple index (PEP 503) serving the torch wheel pip already uses here (its find-links).
+local_torch_index() {
+    local wheel dir
+    wheel=${TORCH_WHEEL:-$(python3 - <<'EOF'
+import configparser, glob, os
+paths = ["/etc/pip.conf", "/etc/xdg/pip/pip.conf", os.path.expanduser("~/.config/pip/pip.conf")]
+links = os.environ.get("PIP_FIND_LINKS", "").split()
+for p in paths:
+    c = configparser.ConfigParser(); c.read(p)
+    links += c.get("global", "find-links", fallback="").split()
+for d in links:
+    for w in sorted(glob.glob(os.path.join(d.removeprefix("file://"), "torch-2.13.0*cp311*x86_64.whl"))):
+        print(w); raise SystemExit
+EOF
+)}
+    [ -f "$wheel" ] || fail "no torch 2.13.0 cp311 wheel on disk (set TORCH_WHEEL)"
+    dir=$WORK/index/torch
+    mkdir -p "$dir"
+    ln -s "$wheel" "$dir/"
+    printf '<a href="%s">%s</a>\n' "$(basename "$wheel")" "$(basename "$wheel")" > "$dir/index.html"
+    INDEX_PORT=$(free_port)
+    python3 -m http.server --bind 127.0.0.1 --directory "$WORK/index" "$INDEX_PORT" >/dev/null 2>&1 &
+    PIDS+=($!)
+    log "torch index http://127.0.0.1:$INDEX_PORT/ serving $(basename "$wheel")"
+}
+
+# --- build ----------------------------------------------------------------------------------------------------------
+build() {
+    local args=("${BUILD_FORMAT[@]}" -t "$TAG")
+    LOCAL_BASE=0
+    if registry_reachable; then
+        log "registry reachable: default base image"
+    else
+        log "no registry: local base image and torch index"
+        LOCAL_BASE=1
+        local_base
+        local_torch_index
+        args+=(--network host --build-arg "BASE_IMAGE=$BASE_TAG" --build-arg "TORCH_INDEX=http://127.0.0.1:$INDEX_PORT/")
+    fi
+    local t0=$SECONDS
+    $ENGINE build "${args[@]}" . >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; fail "build"; }
+    local size
+    size=$($ENGINE image inspect --format '{{.Size}}' "$TAG")
+    log "built $TAG in $((SECONDS - t0)) s, image size $(python3 -c "print(f'{$size / 1e9:.2f} GB')")"
+}
+
+# --- run and check --------------------------------------------------------------------------------------------------
+wait_ready() {  # url, seconds
+    local deadline=$((SECONDS + $2))
+    until curl -fsS -o /dev/null "$1/v2/health/ready"; do
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 1
+    done
+}
+
+check_container() {
+    local port extra url t0 body
+    port=$(free_port)
+    url=http://127.0.0.1:$port
+    extra=$WORK/extra
+    mkdir -p "$extra"
+    cp -r models/bbc-news-moe "$extra/mine"  # a model of "your own", mounted at /models
+    chmod -R a+rX "$extra"
+    # Host networking: a rootful bridge needs iptables rights that a sandbox may not give. --cpus 1 exercises the
+    # entry point's thread default; a read-only root (as in deploy/kubernetes) shows the service writes only /tmp.
+    $ENGINE run -d --name "$NAME" --network host --cpus 1 --read-only --tmpfs /tmp \
+        -e "MOE_PORT=$port" -e MOE_DEFAULT_MODEL=bbc-news-moe \
+        -v "$extra:/models:ro" "$TAG" >/dev/null
+    t0=$SECONDS
+    wait_ready "$url" 180 || { $ENGINE logs "$NAME" 2>&1 | tail -30; fail "not ready in 180 s"; }
+    log "ready in $((SECONDS - t0)) s"
+
+    body=$(curl -fsS "$url/v1/classify" -H 'content-type: application/json' \
+        -d '{"inputs": "Shares in the bank rose 5% after profits beat forecasts."}')
+    python3 -c 'import json,sys; p=json.loads(sys.argv[1])["predictions"][0]; assert p["label"], p; print(p["label"], round(p["score"], 4))' \
+        "$body" | sed 's/^/[image-test] prediction: /' >&2 || fail "prediction: $body"
+
+    curl -fsS "$url/v1/models" | grep -q '"mine"' || fail "the model mounted at /models is not served"
+    log "served models: $(curl -fsS "$url/v1/models" | python3 -c 'import json,sys; print(sorted(m["name"] for m in json.load(sys.stdin)["models"]))')"
+    curl -fsS "$url/metrics" | grep -q '^moe_requests_total{' || fail "/metrics has no moe_requests_total"
+
+    local uid threads
+    uid=$($ENGINE exec "$NAME" id -u)
+    [ "$uid" = 10001 ] || fail "runs as uid $uid, not 10001"
+    log "user: uid $uid ($($ENGINE exec "$NAME" id -un))"
+    threads=$($ENGINE exec "$NAME" sh -c 'tr "\0" "\n" < /proc/1/environ | sed -n "s/^MOE_THREADS=//p"')
+    [ "$threads" = 1 ] || fail "MOE_THREADS=$threads under --cpus 1"
+    log "MOE_THREADS=$threads under --cpus 1"
+
+    check_healthcheck
+}
+
+check_healthcheck() {
+    local test
+    test=$($ENGINE image inspect --format '{{json .Config.Healthcheck.Test}}' "$TAG")
+    [[ "$test" == *health/ready* ]] || fail "no HEALTHCHECK on readiness in the image: $test"
+    if [ "$ENGINE" = podman ]; then
+        podman healthcheck run "$NAME" || fail "HEALTHCHECK failed"
+    else
+        local deadline=$((SECONDS + 60))
+        until [ "$(docker inspect --format '{{.State.Health.Status}}' "$NAME")" = healthy ]; do
+            [ $SECONDS -lt $deadline ] || fail "not healthy"
+            sleep 2
+        done
+    fi
+    log "HEALTHCHECK: healthy"
+}
+
+# --- compose: moe-serve and Prometheus as docker-compose.yml declares them -----------------------------------------
+# The compose file as given, with what this machine needs: the image just built, free loopback ports, and (without a
+# registry) a Prometheus image made from the local base and Debian's prometheus binary. Grafana has no such source
+# here, so it is left out.
+compose_file() {
+    local out=$WORK/compose.yml py=/usr/bin/python3  # Debian's, which has yaml wherever podman-compose is
+    [ -x "$py" ] || py=python3
+    "$py" - "$TAG" "$1" "$APP_PORT" "$PROM_PORT" "$PWD" > "$out" <<'PY'
+import sys, yaml
+tag, prom_image, app_port, prom_port, root = sys.argv[1:]
+c = yaml.safe_load(open(f"{root}/docker-compose.yml"))
+app, prom = c["services"]["moe-serve"], c["services"]["prometheus"]
+app.pop("build")
+app.update(image=tag, ports=[f"127.0.0.1:{app_port}:8000"])
+prom.update(image=prom_image, ports=[f"127.0.0.1:{prom_port}:9090"])
+prom["volumes"] = [v.replace("./", f"{root}/", 1) if v.startswith("./") else v for v in prom["volumes"]]
+if prom_image.startswith("localhost/"):  # no wget in the Debian base: the same readiness check in Python
+    prom["healthcheck"]["test"] = ["CMD", "python3", "-c",
+        "import urllib.request as u; u.urlopen('http://127.0.0.1:9090/-/ready', timeout=2)"]
+c["services"] = {"moe-serve": app, "prometheus": prom}
+print(yaml.safe_dump(c, sort_keys=False))
+PY
+    echo "$out"
+}
+
+local_prometheus_image() {
+    local ctx=$WORK/prometheus-image
+    mkdir -p "$ctx"
+    cp "$(command -v prometheus)" "$ctx/prometheus"
+    printf '%s\n' "FROM $BASE_TAG" "COPY prometheus /bin/prometheus" \
+        "RUN mkdir -p /prometheus && chown 65534:65534 /prometheus" "USER 65534" "WORKDIR /prometheus" \
+        'ENTRYPOINT ["/bin/prometheus"]' > "$ctx/Containerfile"
+    $ENGINE build "${BUILD_FORMAT[@]}" -t "$PROM_TAG" "$ctx" >"$WORK/prom-build.log" 2>&1 \
+        || { tail -20 "$WORK/prom-build.log"; fail "prometheus image"; }
+}
+
+prom_query() {  # PromQL -> the first result's value, or nothing
+    curl -fsS "http://127.0.0.1:$PROM_PORT/api/v1/query" --data-urlencode "query=$1" 2>/dev/null \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")'
+}
+
+check_compose() {
+    local prom_image=prom/prometheus:v2.53.0 file
+    if [ "$ENGINE" = docker ]; then
+        COMPOSE="docker compose"
+    else
+        command -v podman-compose >/dev/null || bash scripts/install-tools.sh --image
+        COMPOSE=podman-compose
+    fi
+    if [ "$LOCAL_BASE" = 1 ]; then
+        local_prometheus_image
+        prom_image=$PROM_TAG
+    fi
+    APP_PORT=$(free_port) PROM_PORT=$(free_port)
+    file=$(compose_file "$prom_image")
+    COMPOSE_FILES=(-p "$PROJECT" -f "$file")
+    COMPOSE_UP=1
+    $COMPOSE "${COMPOSE_FILES[@]}" up -d >"$WORK/compose.log" 2>&1 || { tail -30 "$WORK/compose.log"; fail "compose up"; }
+    wait_ready "http://127.0.0.1:$APP_PORT" 180 || { tail -30 "$WORK/compose.log"; fail "compose: moe-serve not ready"; }
+    curl -fsS -o /dev/null "http://127.0.0.1:$APP_PORT/v1/classify" -H 'content-type: application/json' \
+        -d '{"inputs": "The striker scored twice."}' || fail "compose: prediction"
+    local deadline=$((SECONDS + 60)) up="" requests=""
+    until [ "$up" = 1 ] && [ -n "$requests" ]; do
+        [ $SECONDS -lt $deadline ] || fail "compose: Prometheus does not scrape moe-serve (up=$up)"
+        sleep 2
+        up=$(prom_query 'up{job="moe-serve"}')
+        requests=$(prom_query 'sum(moe_requests_total{route="/v1/classify"}) > 0')
+    done
+    local rules
+    rules=$(curl -fsS "http://127.0.0.1:$PROM_PORT/api/v1/rules" | python3 -c \
+        'import json,sys; print(sum(len(g["rules"]) for g in json.load(sys.stdin)["data"]["groups"]))')
+    log "compose ($COMPOSE): moe-serve and Prometheus up; Prometheus scrapes moe-serve:8000 by service name" \
+        "(up=1, classify requests=$requests), $rules alert rules loaded"
+}
+
+main() {
+    trap cleanup EXIT
+    pick_engine
+    log "engine: $($ENGINE --version)"
+    build
+    check_container
+    if [ "${IMAGE_TEST_COMPOSE:-1}" = 1 ]; then
+        check_compose
+    fi
+}
+
+main "$@"
