@@ -32,7 +32,8 @@ def resolve(model_dir: str | Path, kind: str = "auto", precision: str = "auto") 
     if graph and not (Path(model_dir) / graph).is_file():
         # Graphs are build artefacts (`moe-serve export`; the Docker image makes them), not committed: without
         # the chosen one, `auto` serves torch rather than failing.
-        log.warning("%s: serving choice %s needs %s (run `moe-serve export`); using torch", model_dir, serving, graph)
+        choice = f"{serving.get('backend')} {serving.get('precision')}"
+        log.warning("%s: serving choice %s needs %s (run `moe-serve export`); using torch", model_dir, choice, graph)
         serving = {}
     if kind == "auto":
         kind = serving.get("backend", "torch")

@@ -133,7 +133,15 @@ def served_runs(
                     ]
                     r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
                     rows.append({**asdict(r), "runs": len(runs), "rps_all_runs": [x.rps for x in runs]})
-                    log.info("%s %s c=%d: %.1f req/s p50 %.2f ms %s", server, texts, c, r.rps, r.p50_ms, runs)
+                    log.info(
+                        "%s %s c=%d: %.1f req/s p50 %.2f ms %s",
+                        server,
+                        texts,
+                        c,
+                        r.rps,
+                        r.p50_ms,
+                        [x.rps for x in runs],
+                    )
             if server == "moe-serve":
                 lone = served.lone_requests(classify, bodies["short"])
     return rows, lone
