@@ -45,7 +45,7 @@ def describe(engine: Engine) -> dict[str, Any]:
         name: {"info": ipc.info_to_dict(w.info), "kind": w.kind, "device": w.device, "evaluation": w.evaluation}
         for name, w in engine.workers.items()
     }
-    return {"models": models, "failed": engine.failed, "default_model": engine.default_model, "pid": os.getpid()}
+    return {"models": models, "failed": engine.failed, "pid": os.getpid()}
 
 
 class ModelServer:
@@ -185,6 +185,8 @@ def main(address: str) -> int:
     engine = Engine(settings, metrics, threads=False)  # ModelServer runs the batches in its own thread
     try:
         engine.load()
+    except RuntimeError:
+        pass  # its model failed: the reason is in engine.failed, for the API process to report (hello)
     except Exception as exc:
         log.critical("no model could be served: %s", exc)
         return 2

@@ -150,3 +150,20 @@ def test_a_client_that_leaves_has_its_texts_dropped(models_dir: Path, tmp_path: 
     for name in ('moe_texts_total{model="tiny"}', 'moe_batch_size_texts_count{model="tiny"}'):
         assert _sample(after, name) == _sample(before, name), name
     assert _sample(after, 'moe_request_failures_total{model="tiny",reason="client_disconnected"}') == 1
+
+
+def test_one_model_process_per_model_and_one_metrics_view(models_dir: Path, tmp_path: Path) -> None:
+    proc, url = _spawn(models_dir, tmp_path / "log", MOE_MODELS="tiny,tiny-b")
+    try:
+        assert len(_children(proc.pid)) == 2
+        for name in ("tiny", "tiny-b"):
+            r = httpx.post(f"{url}/v1/classify", json={"inputs": TEXTS, "model": name})
+            assert r.status_code == 200 and r.json()["model"] == name
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        proc.kill()
+        proc.wait()
+    # Each family once, with both processes' samples.
+    assert metrics.count("# TYPE moe_texts_total counter") == 1
+    for name in ("tiny", "tiny-b"):
+        assert _sample(metrics, f'moe_texts_total{{model="{name}"}}') == 3
