@@ -104,6 +104,12 @@ def future_finish(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> Finis
     return finish
 
 
+def retry_after_ms(texts: int, texts_per_s: float) -> int:
+    """How long `texts` waiting ahead take to drain at the measured rate: 1 ms to 60 s."""
+    rate = texts_per_s or 100.0
+    return int(min(60_000, max(1, math.ceil(1000 * texts / rate))))
+
+
 def cut_batch(items: list[WorkItem], max_texts: int, max_tokens: int) -> tuple[list[WorkItem], list[WorkItem]]:
     """The batching policy, pure: from `items` (oldest first) take the oldest and the texts closest to it in
     length while (texts x longest) stays within max_tokens and texts within max_texts; the oldest always goes,
@@ -325,7 +331,7 @@ class ModelWorker:
         if self._stopping:
             raise ServiceError(ErrorKind.MODEL_NOT_READY, f"model {self.name!r} is shutting down")
         if len(self._queue) + n > self.settings.max_queue_texts:
-            raise queue_full(self.name, self._retry_after_ms(len(self._queue) + n))
+            raise queue_full(self.name, retry_after_ms(len(self._queue) + n, self._texts_per_s))
 
     def _admit(self, items: list[WorkItem]) -> None:
         with self._cond:
@@ -335,10 +341,10 @@ class ModelWorker:
             self._m_queue.set(len(self._queue))
             self._cond.notify()
 
-    def _retry_after_ms(self, texts: int) -> int:
-        """How long the queue ahead takes to drain at the measured rate: 1 ms to 60 s."""
-        rate = self._texts_per_s or 100.0
-        return int(min(60_000, max(1, math.ceil(1000 * texts / rate))))
+    @property
+    def texts_per_s(self) -> float:
+        return self._texts_per_s
+
 
     # -- inference thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -39,11 +39,13 @@ def error_from(header: dict[str, Any]) -> ServiceError:
     return ServiceError(ErrorKind(e["kind"]), e["message"], field=e.get("field"), headers=e.get("headers"))
 
 
-def result_reply(request_id: int, result: ClassifyResult) -> Frames:
+def result_reply(request_id: int, result: ClassifyResult, texts_per_s: float) -> Frames:
+    """texts_per_s: the engine's measured rate, for the API process's own Retry-After estimates."""
     rs = result.results
     header: dict[str, Any] = {
         "id": request_id,
         "ok": True,
+        "rate": texts_per_s,
         "n_tokens": [r.n_tokens for r in rs],
         "truncated": [r.truncated for r in rs],
         "times": [result.tokenization_s, result.queue_s, result.inference_s],

@@ -29,6 +29,9 @@ from service.metrics import Metrics
 
 log = logging.getLogger("moe_serve.model_process")
 SETTINGS_ENV = "MOE_MODEL_PROCESS_SETTINGS"
+# The engine yields the CPU to the API process when both want it: HTTP work is light and latency-bound (accepting,
+# answering 429s and health checks under overload), the engine's is throughput work.
+NICE = 5
 
 
 def configure(sock: zmq.Socket) -> None:
@@ -162,7 +165,7 @@ class ModelServer:
             if isinstance(outcome, ServiceError):
                 self._send(peer, ipc.error_reply(h["id"], outcome))
             else:
-                self._send(peer, ipc.result_reply(h["id"], outcome))
+                self._send(peer, ipc.result_reply(h["id"], outcome, worker.texts_per_s))
 
         worker = self.engine.get(h["model"])
         self.pending[key] = worker.submit(
@@ -181,6 +184,7 @@ def main(address: str) -> int:
     settings = Settings(**orjson.loads(os.environ[SETTINGS_ENV]))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    os.nice(NICE)
     metrics = Metrics(http=False)
     engine = Engine(settings, metrics, threads=False)  # ModelServer runs the batches in its own thread
     try:

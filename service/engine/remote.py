@@ -27,11 +27,11 @@ import zmq.asyncio
 from service.backends.base import ModelInfo
 from service.config import Settings
 from service.engine import ipc
-from service.engine.batcher import ClassifyResult
+from service.engine.batcher import ClassifyResult, retry_after_ms
 from service.engine.handle import lookup
 from service.engine.model_process import SETTINGS_ENV, configure
 from service.engine.registry import discover_models
-from service.errors import ErrorKind, ServiceError, deadline_exceeded
+from service.errors import ErrorKind, ServiceError, deadline_exceeded, queue_full
 from service.metrics import merge_expositions
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,10 @@ class RemoteModel:
         self.name = self.info.name
         self.evaluation: dict | None = desc["evaluation"]
         self._kind, self._device = desc["kind"], desc["device"]
+        s = engine.settings
+        self.capacity = s.max_queue_texts + s.max_batch_size  # the queue, and the batch running
+        self.in_flight = 0  # texts sent to the model process and not answered yet
+        self.texts_per_s = 0.0  # the engine's measured rate, from its replies
 
     @property
     def kind(self) -> str:
@@ -170,11 +174,25 @@ class RemoteModel:
     async def classify(
         self, texts: list[str], *, truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
     ) -> ClassifyResult:
+        n = len(texts)
+        self._admit(n)
         cap = self.engine.settings.request_timeout_s
         wait_s = (cap if timeout_s is None else min(timeout_s, cap)) + REPLY_SLACK_S
         request = {"model": self.name, "texts": texts, "truncate": truncate, "routing": return_routing}
-        header, buffers = await self._call("classify", wait_s, **request, timeout_s=timeout_s)
+        self.in_flight += n
+        try:
+            header, buffers = await self._call("classify", wait_s, **request, timeout_s=timeout_s)
+        finally:
+            self.in_flight -= n
+        self.texts_per_s = header["rate"]
         return ipc.result_from(header, buffers, len(self.info.labels))
+
+    def _admit(self, n: int) -> None:
+        """429 here, before any IPC, when the texts already sent to the model process fill its queue and a batch:
+        under overload most requests are refused, and a refusal must cost as little as possible. The model
+        process still checks its queue itself (the authority); this is the cheap early answer."""
+        if self.in_flight + n > self.capacity:
+            raise queue_full(self.name, retry_after_ms(self.in_flight + n, self.texts_per_s))
 
     async def queued(self) -> int:
         header, _ = await self._call("queued", REPLY_SLACK_S, model=self.name)

@@ -49,12 +49,12 @@ def _spawn(models_dir: Path, log: Path, **env: str) -> tuple[subprocess.Popen, s
     raise RuntimeError(log.read_text())
 
 
-def _post_in_background(url: str) -> tuple[threading.Thread, dict]:
+def _post_in_background(url: str, texts: list[str] = TEXTS) -> tuple[threading.Thread, dict]:
     out: dict = {}
 
     def post() -> None:
         try:
-            out["response"] = httpx.post(f"{url}/v1/classify", json={"inputs": TEXTS}, timeout=30)
+            out["response"] = httpx.post(f"{url}/v1/classify", json={"inputs": texts}, timeout=30)
         except httpx.HTTPError as exc:
             out["error"] = exc
 
@@ -167,3 +167,24 @@ def test_one_model_process_per_model_and_one_metrics_view(models_dir: Path, tmp_
     assert metrics.count("# TYPE moe_texts_total counter") == 1
     for name in ("tiny", "tiny-b"):
         assert _sample(metrics, f'moe_texts_total{{model="{name}"}}') == 3
+
+
+def test_overload_is_refused_in_the_api_process(models_dir: Path, tmp_path: Path) -> None:
+    """Texts already sent to the model process fill its queue and a batch (here 4 + 2): the next request gets its
+    429 from the API process itself, with no round trip (the model process is stopped meanwhile)."""
+    proc, url = _spawn(models_dir, tmp_path / "log", MOE_MAX_QUEUE_TEXTS="4", MOE_MAX_BATCH_SIZE="2")
+    try:
+        (model_pid,) = _children(proc.pid)
+        os.kill(model_pid, signal.SIGSTOP)
+        waiting = [_post_in_background(url, TEXTS[:2]) for _ in range(2)]  # 2 x 2 texts in flight: the queue
+        time.sleep(0.5)
+        refused = httpx.post(f"{url}/v1/classify", json={"inputs": TEXTS}, timeout=5)  # 4 + 3 > 4 + 2
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["retry-after"]) >= 1 and int(refused.headers["retry-after-ms"]) >= 1
+        os.kill(model_pid, signal.SIGCONT)
+        for thread, out in waiting:
+            thread.join(30)
+            assert out["response"].status_code == 200
+    finally:
+        proc.kill()
+        proc.wait()
