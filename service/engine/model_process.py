@@ -1,8 +1,10 @@
-"""The model process: the engine (each model's batcher, tokenizer and backend) behind a ZeroMQ ROUTER socket.
+"""The model process: one model's engine (batcher, tokenizer and backend) behind a ZeroMQ ROUTER socket.
 
-The API process starts it (service/engine/remote.py) so that HTTP parsing and the model's own Python work run
-under two GILs on two cores instead of taking turns on one. It loads every model, then binds and answers; it
-exits 3 when its watchdog finds a dead or hung inference thread, and 0 when its parent process is gone.
+The API process starts one per model folder (service/engine/remote.py), so that HTTP parsing and the engine's own
+Python work run under two GILs instead of taking turns on one, and a model's batches never wait behind another
+model's. It loads and warms its model, then binds and answers (a model that fails to load is reported in the
+first answer); it exits 3 when its watchdog finds a batch running past worker_hang_s, and 0 when its parent
+process is gone.
 
 Run by the API process: `python -m service.engine.model_process ADDRESS` with the settings in
 MOE_MODEL_PROCESS_SETTINGS (JSON).
