@@ -26,13 +26,18 @@ cleanup() {
     set +e
     if [ -n "${COMPOSE_UP:-}" ]; then
         $COMPOSE "${COMPOSE_FILES[@]}" down -v >/dev/null 2>&1
+        $ENGINE ps -aq --filter "label=io.podman.compose.project=$PROJECT" | xargs -r $ENGINE rm -f >/dev/null 2>&1
         $ENGINE volume rm "${PROJECT}_extra-models" "${PROJECT}_prometheus-data" >/dev/null 2>&1
+        $ENGINE network rm "${PROJECT}_default" >/dev/null 2>&1
     fi
     ${ENGINE:-true} rm -f -v "$NAME" >/dev/null 2>&1
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-    [ "${IMAGE_TEST_CLEAN:-0}" = 1 ] && ${ENGINE:-true} rmi -f "$TAG" "$PROM_TAG" >/dev/null 2>&1
+    if [ "${IMAGE_TEST_CLEAN:-0}" = 1 ]; then
+        ${ENGINE:-true} rmi -f "$TAG" "$PROM_TAG" >/dev/null 2>&1
+        ${ENGINE:-true} image prune -f >/dev/null 2>&1
+    fi
     rm -rf "$WORK"
-    [ $rc -eq 0 ] && log "PASS" || log "FAILED (exit $rc)"
+    [ $rc -eq 0 ] && log "PASS in $SECONDS s" || log "FAILED (exit $rc)"
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -40,16 +45,22 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # --- the engine ---------------------------------------------------------------------------------------------------
 pick_engine() {
     if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
-        ENGINE=docker BUILD_FORMAT=()
+        ENGINE=docker BUILD_ARGS=()
         return
     fi
     command -v podman >/dev/null || bash scripts/install-tools.sh --image
     ENGINE=podman
-    BUILD_FORMAT=(--format docker)  # the OCI format has no HEALTHCHECK
+    BUILD_ARGS=(--format docker)  # the OCI format has no HEALTHCHECK
     # Inside an unprivileged sandbox podman cannot raise ulimits or set a pids cgroup limit: switch both off, for
     # this script only (CONTAINERS_CONF replaces the system file for the processes started here).
     mkdir -p "$CACHE"
     printf '[containers]\ndefault_ulimits = []\npids_limit = 0\n' > "$CACHE/containers.conf"
+    # crun refuses hybrid cgroups (v1 controllers plus a v2 hierarchy that holds some); runc takes them.
+    if grep -qs . /sys/fs/cgroup/unified/cgroup.controllers; then
+        command -v runc >/dev/null || bash scripts/install-tools.sh --image
+        printf '[engine]\nruntime = "runc"\n' >> "$CACHE/containers.conf"
+        BUILD_ARGS+=(--runtime runc)  # podman build does not read the engine's runtime
+    fi
     export CONTAINERS_CONF="$CACHE/containers.conf"
 }
 
@@ -66,7 +77,7 @@ local_base() {
         return
     fi
     command -v debootstrap >/dev/null || bash scripts/install-tools.sh --image
-    local root=$CACHE/rootfs mirror
+    local root=$CACHE/rootfs mirror t0=$SECONDS
     mirror=$(grep -hoE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/* \
         2>/dev/null | grep -oE 'https?://[^ ]+' | head -1 || true)
     log "debootstrap bookworm from ${mirror:=http://deb.debian.org/debian}"
@@ -77,8 +88,9 @@ local_base() {
     printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\nextra-index-url = https://pypi.org/simple\n' \
         > "$root/etc/pip.conf"
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-    tar -C "$root" -c . | $ENGINE import --change 'CMD ["/bin/bash"]' - "$BASE_TAG" >/dev/null
+    tar -C "$root" -c . | $ENGINE import -q --change 'CMD ["/bin/bash"]' - "$BASE_TAG" >/dev/null
     rm -rf "$root"
+    log "local base $BASE_TAG made in $((SECONDS - t0)) s"
 }
 
 # A one-package simple index (PEP 503) serving the torch wheel pip already uses here (its find-links).
@@ -101,7 +113,9 @@ EOF
     mkdir -p "$dir"
     ln -s "$wheel" "$dir/"
     printf '<a href="%s">%s</a>\n' "$(basename "$wheel")" "$(basename "$wheel")" > "$dir/index.html"
-    INDEX_PORT=$(free_port)
+    # A fixed port when free: the port is in a build argument, so a new one each run would defeat the layer cache.
+    INDEX_PORT=38471
+    python3 -c "import socket; socket.socket().bind(('127.0.0.1', $INDEX_PORT))" 2>/dev/null || INDEX_PORT=$(free_port)
     python3 -m http.server --bind 127.0.0.1 --directory "$WORK/index" "$INDEX_PORT" >/dev/null 2>&1 &
     PIDS+=($!)
     log "torch index http://127.0.0.1:$INDEX_PORT/ serving $(basename "$wheel")"
@@ -109,7 +123,7 @@ EOF
 
 # --- build ----------------------------------------------------------------------------------------------------------
 build() {
-    local args=("${BUILD_FORMAT[@]}" -t "$TAG")
+    local args=("${BUILD_ARGS[@]}" -t "$TAG")
     LOCAL_BASE=0
     if registry_reachable; then
         log "registry reachable: default base image"
@@ -130,7 +144,7 @@ build() {
 # --- run and check --------------------------------------------------------------------------------------------------
 wait_ready() {  # url, seconds
     local deadline=$((SECONDS + $2))
-    until curl -fsS -o /dev/null "$1/v2/health/ready"; do
+    until curl -fs -o /dev/null "$1/v2/health/ready"; do
         [ $SECONDS -lt $deadline ] || return 1
         sleep 1
     done
@@ -148,7 +162,7 @@ check_container() {
     # entry point's thread default; a read-only root (as in deploy/kubernetes) shows the service writes only /tmp.
     $ENGINE run -d --name "$NAME" --network host --cpus 1 --read-only --tmpfs /tmp \
         -e "MOE_PORT=$port" -e MOE_DEFAULT_MODEL=bbc-news-moe \
-        -v "$extra:/models:ro" "$TAG" >/dev/null
+        -v "$extra:/models:ro" "$TAG" >/dev/null 2>"$WORK/run.log"  # podman: no systemd for health timers here
     t0=$SECONDS
     wait_ready "$url" 180 || { $ENGINE logs "$NAME" 2>&1 | tail -30; fail "not ready in 180 s"; }
     log "ready in $((SECONDS - t0)) s"
@@ -221,13 +235,20 @@ local_prometheus_image() {
     printf '%s\n' "FROM $BASE_TAG" "COPY prometheus /bin/prometheus" \
         "RUN mkdir -p /prometheus && chown 65534:65534 /prometheus" "USER 65534" "WORKDIR /prometheus" \
         'ENTRYPOINT ["/bin/prometheus"]' > "$ctx/Containerfile"
-    $ENGINE build "${BUILD_FORMAT[@]}" -t "$PROM_TAG" "$ctx" >"$WORK/prom-build.log" 2>&1 \
+    $ENGINE build "${BUILD_ARGS[@]}" -t "$PROM_TAG" "$ctx" >"$WORK/prom-build.log" 2>&1 \
         || { tail -20 "$WORK/prom-build.log"; fail "prometheus image"; }
 }
 
-prom_query() {  # PromQL -> the first result's value, or nothing
-    curl -fsS "http://127.0.0.1:$PROM_PORT/api/v1/query" --data-urlencode "query=$1" 2>/dev/null \
-        | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")'
+prom_query() {  # PromQL -> the first result's value; nothing while Prometheus or the series is not there yet
+    python3 - "http://127.0.0.1:$PROM_PORT/api/v1/query" "$1" <<'PY'
+import json, sys, urllib.parse, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1] + "?" + urllib.parse.urlencode({"query": sys.argv[2]}), timeout=5) as r:
+        result = json.load(r)["data"]["result"]
+    print(result[0]["value"][1] if result else "")
+except OSError:
+    print("")
+PY
 }
 
 check_compose() {

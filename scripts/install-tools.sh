@@ -2,7 +2,7 @@
 # Installs the Debian tools the test suite and benchmarks use, if missing: prometheus (promtool checks the /metrics
 # exposition, the alert rules and their unit tests; the server scrapes a real moe-serve in a test), wrk (light load
 # generator) and docker-compose (validates docker-compose.yml). With --image, also what `make image-test` needs:
-# podman, podman-compose and the CNI dnsname plugin (daemonless containers, no Docker engine needed), debootstrap (a
+# podman, podman-compose, runc and the CNI dnsname plugin (daemonless containers, no Docker engine needed), debootstrap (a
 # local base image) and curl.
 set -euo pipefail
 need=()
@@ -16,6 +16,7 @@ if [ "${1:-}" = --image ]; then
     # name resolution between compose services on podman's CNI networks
     [ -x /usr/lib/cni/dnsname ] || need+=(golang-github-containernetworking-plugin-dnsname)
     command -v debootstrap >/dev/null || need+=(debootstrap)
+    command -v runc >/dev/null || need+=(runc)  # for hosts with hybrid cgroups, which crun refuses
     command -v curl >/dev/null || need+=(curl)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
