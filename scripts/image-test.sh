@@ -88,7 +88,9 @@ local_base() {
     printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\nextra-index-url = https://pypi.org/simple\n' \
         > "$root/etc/pip.conf"
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-    tar -C "$root" -c . | $ENGINE import -q --change 'CMD ["/bin/bash"]' - "$BASE_TAG" >/dev/null
+    local quiet=()
+    [ "$ENGINE" = podman ] && quiet=(-q)  # docker import has no -q
+    tar -C "$root" -c . | $ENGINE import "${quiet[@]}" --change 'CMD ["/bin/bash"]' - "$BASE_TAG" >/dev/null
     rm -rf "$root"
     log "local base $BASE_TAG made in $((SECONDS - t0)) s"
 }
