@@ -84,6 +84,13 @@ class _BodyTooLarge(StarletteHTTPException):
     instead of turning it into a 400 'error parsing the body'."""
 
 
+def model_readiness(app: FastAPI) -> list[tuple[str, bool]]:
+    engine = getattr(app.state, "engine", None)
+    if engine is None:  # still starting
+        return []
+    return [(n, w.ready) for n, w in engine.workers.items()] + [(n, False) for n in engine.failed]
+
+
 def create_app(settings: Settings | None = None, loader: BackendLoader | None = None) -> FastAPI:
     """The app. `loader` turns a model folder into a backend (default: the real ones, per the settings); the fast
     API tests pass a fake."""
@@ -111,6 +118,7 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    metrics.watch_models(lambda: model_readiness(app))
     app.include_router(v1.router)
     app.include_router(v2.router)
 

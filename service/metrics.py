@@ -70,6 +70,19 @@ class _RoutingCollector(Collector):
         yield from (tokens, imbalance, cv, entropy, drift)
 
 
+class _ReadinessCollector(Collector):
+    def __init__(self, readiness: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        self.readiness = readiness
+
+    def collect(self) -> Iterable[Metric]:
+        ready = GaugeMetricFamily(
+            "moe_model_ready", "1 when the model serves; 0 while not ready or when its folder failed.", labels=["model"]
+        )
+        for model, ok in self.readiness():
+            ready.add_metric([model], 1.0 if ok else 0.0)
+        yield ready
+
+
 class Metrics:
     """http: the API's metrics (requests, failures, request time); engine: the batcher's (queue, batches, texts,
     routing, model info). One process serving both has both; with a model process each side has its own part and
@@ -137,6 +150,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("moe_queue_texts", "Texts waiting in the model's queue.", ["model"], registry=r)
+        self.queue_capacity = Gauge(
+            "moe_queue_capacity_texts", "Texts the model's queue holds before requests get 429.", ["model"], registry=r
+        )
         self.texts = Counter("moe_texts", "Texts classified.", ["model"], registry=r)
         self.truncated = Counter(
             "moe_texts_truncated", "Texts cut to the model's maximum length.", ["model"], registry=r
@@ -147,6 +163,11 @@ class Metrics:
 
     def watch_routing(self, sources: Callable[[], Iterable[tuple[str, RoutingStats]]]) -> None:
         self.registry.register(_RoutingCollector(sources))
+
+    def watch_models(self, readiness: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        """moe_model_ready{model} at scrape time, from whoever knows every model's fate: the API process (a model
+        process that died cannot report itself; a folder that failed to load is 0)."""
+        self.registry.register(_ReadinessCollector(readiness))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

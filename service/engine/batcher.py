@@ -171,6 +171,7 @@ class ModelWorker:
         # This model's metric children, looked up once: a labels() call per text or batch costs a lock and a dict.
         m, name = metrics, self.name
         self._m_queue = m.queue_depth.labels(name)
+        m.queue_capacity.labels(name).set(settings.max_queue_texts)
         self._m_tokenization = m.tokenization_duration.labels(name)
         self._m_texts, self._m_truncated = m.texts.labels(name), m.truncated.labels(name)
         self._m_queue_wait, self._m_inference = m.queue_duration.labels(name), m.inference_duration.labels(name)

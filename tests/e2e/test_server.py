@@ -419,6 +419,11 @@ def test_broken_model_folder_fails_alone(tiny_model_dir: Path, tmp_path: Path) -
             "truncated",
         ]
         assert httpx.post(f"{url}/v1/classify", json={"inputs": "stocks fell"}).status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text  # what the model-not-ready and queue alerts read
+        for name in ("bad-config", "no-tokenizer", "truncated"):
+            assert f'moe_model_ready{{model="{name}"}} 0.0' in metrics
+        assert 'moe_model_ready{model="good"} 1.0' in metrics
+        assert 'moe_queue_capacity_texts{model="good"} 2048.0' in metrics
     log = (tmp_path / "log").read_text()
     assert "model truncated failed to load" in log
 
