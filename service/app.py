@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.api import v1, v2
 from service.api.access import RequestContext
-from service.api.common import CLIENT_GONE, JSON, ClientDisconnected, error_response, validation_error
+from service.api.common import CLIENT_GONE, JSON, ClientDisconnected, counted_failure, validation_error
 from service.api.fast_route import FastClassify
 from service.config import Settings
 from service.engine.handle import EngineHandle
@@ -36,6 +36,9 @@ class BodyLimitAndMetrics:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app, self.limit, self.metrics = app, settings.max_body_bytes, metrics
 
+    def _too_large(self) -> ServiceError:
+        return ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body is larger than {self.limit} bytes")
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -50,11 +53,9 @@ class BodyLimitAndMetrics:
                 status = message["status"]
             await send(message)
 
-        too_large = ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body is larger than {limit} bytes")
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limit:
-            self.metrics.failures.labels("", too_large.kind.value).inc()
-            await error_response(too_large)(scope, receive, send_wrapper)
+            await counted_failure(self.metrics, "", self._too_large())(scope, receive, send_wrapper)
         else:
             received = 0
 
@@ -64,13 +65,15 @@ class BodyLimitAndMetrics:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
-                        raise _BodyTooLarge(413, too_large.message)
+                        raise _BodyTooLarge(413, self._too_large().message)
                 return message
 
             try:
                 await self.app(scope, receive_wrapper, send_wrapper)
             except _BodyTooLarge:
-                await error_response(too_large)(scope, receive, send_wrapper)
+                # Only the fast route lets it reach here (FastAPI's routes answer it in on_http_error, counted).
+                model = scope.get("state", {}).get("model", "")
+                await counted_failure(self.metrics, model, self._too_large())(scope, receive, send_wrapper)
         route = scope.get("route")
         path = getattr(route, "path", "unmatched")
         if path != "/metrics":
@@ -123,9 +126,7 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
     app.include_router(v2.router)
 
     def failure(request: Request, err: ServiceError) -> JSON:
-        model = getattr(request.state, "model", "")
-        metrics.failures.labels(model, err.kind.value).inc()
-        return error_response(err)
+        return counted_failure(metrics, getattr(request.state, "model", ""), err)
 
     @app.exception_handler(ServiceError)
     async def on_service_error(request: Request, err: ServiceError) -> JSON:

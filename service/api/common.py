@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from fastapi.responses import Response
@@ -12,6 +12,9 @@ from starlette.types import Receive
 
 from service.engine.batcher import ClassifyResult
 from service.errors import ErrorKind, ServiceError
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
 
 T = TypeVar("T")
 
@@ -28,6 +31,12 @@ class JSON(Response):
 def error_response(err: ServiceError) -> JSON:
     """The one JSON body every error has ({"error", "type", "field"?}), with its status and headers."""
     return JSON(err.body(), status_code=err.status, headers=err.headers)
+
+
+def counted_failure(metrics: Metrics, model: str, err: ServiceError) -> JSON:
+    """A failed request's response, counted once in moe_request_failures_total by model and reason."""
+    metrics.failures.labels(model, err.kind.value).inc()
+    return error_response(err)
 
 
 def timing_headers(result: ClassifyResult, total_s: float) -> dict[str, str]:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import v1
-from service.api.common import CLIENT_GONE, ClientDisconnected, error_response, validation_error
+from service.api.common import CLIENT_GONE, ClientDisconnected, counted_failure, validation_error
 from service.api.schemas import ClassifyRequest
 from service.api.v1 import answer_classify
 from service.errors import ErrorKind, ServiceError
@@ -69,11 +69,7 @@ class FastClassify:
             body = parse(await read_body(receive))
             response = await answer_classify(self.state.engine, body, state, receive)
         except ServiceError as err:
-            response = self._failure(state, err)
+            response = counted_failure(self.state.metrics, state.get("model", ""), err)
         except ClientDisconnected:
-            response = self._failure(state, CLIENT_GONE)
+            response = counted_failure(self.state.metrics, state.get("model", ""), CLIENT_GONE)
         await response(scope, receive, send)
-
-    def _failure(self, state: dict, err: ServiceError) -> Any:
-        self.state.metrics.failures.labels(state.get("model", ""), err.kind.value).inc()
-        return error_response(err)

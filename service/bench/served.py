@@ -35,26 +35,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ready(
+    cmd: list[str], env: dict[str, str], port: int, log_path: Path, timeout_s: float = 120
+) -> tuple[subprocess.Popen, str]:
+    """Start a server process (its output to log_path) and return it with its base URL once /v2/health/ready
+    answers 200. If it exits or is not ready in time, it is killed and RuntimeError carries the end of its log."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+            if r.status == 200:
+                return proc, url
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"server not ready in {timeout_s:.0f} s: {log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def server_process(
     cmd: list[str], env: dict[str, str], port: int, log_path: Path, timeout_s: float = 120
 ) -> Iterator[str]:
-    """Start a server process, yield its base URL once /v2/health/ready answers 200, stop it afterwards (its
-    output goes to log_path). Used by the benchmarks and by the end-to-end tests."""
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    """spawn_ready, yielding the base URL, and the server stopped afterwards. Used by the benchmarks and by the
+    end-to-end tests."""
+    proc, url = spawn_ready(cmd, env, port, log_path, timeout_s)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in {timeout_s:.0f} s: {log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
         yield url
     finally:
         proc.terminate()

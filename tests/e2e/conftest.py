@@ -5,13 +5,24 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from service.bench.served import free_port, server_process
+from service.bench.served import free_port, server_process, spawn_ready
+
+SERVE = [sys.executable, "-m", "service.cli", "serve"]
+
+
+def spawn_serve(log_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """A `moe-serve serve` process the test controls itself (signals, exit status), configured by MOE_* variables
+    in env; returned once it is ready."""
+    port = free_port()
+    full_env = {**os.environ, "MOE_PORT": str(port), "MOE_LOG_LEVEL": "warning", **env}
+    return spawn_ready(SERVE, full_env, port, log_path, 90)
 
 
 @contextlib.contextmanager
@@ -27,7 +38,7 @@ def run_server(models_dir: Path, log_path: Path, **settings: str) -> Iterator[st
         **{f"MOE_{k.upper()}": str(v) for k, v in settings.items()},
     }
     # A server that exits or never gets ready raises RuntimeError with the end of its log.
-    with server_process([sys.executable, "-m", "service.cli", "serve"], env, port, log_path, 90) as url:
+    with server_process(SERVE, env, port, log_path, 90) as url:
         yield url
 
 

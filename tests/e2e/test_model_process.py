@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,8 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.bench.served import free_port
-from tests.e2e.conftest import run_server
+from tests.e2e.conftest import run_server, spawn_serve
 
 TEXTS = ["shares in the bank rose after profits", "the striker scored twice", "the minister called a vote"]
 
@@ -26,27 +24,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _spawn(models_dir: Path, log: Path, **env: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    settings = {"MOE_MODELS_DIR": str(models_dir), "MOE_MODELS": "tiny", "MOE_PORT": str(port)}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"],
-            env={**os.environ, "MOE_LOG_LEVEL": "warning", **settings, **env},
-            stdout=out,
-            stderr=out,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(log.read_text())
+    return spawn_serve(log, **{"MOE_MODELS_DIR": str(models_dir), "MOE_MODELS": "tiny", **env})
 
 
 def _post_in_background(url: str, texts: list[str] = TEXTS) -> tuple[threading.Thread, dict]:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
 import struct
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,11 +17,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.bench.served import free_port
 from service.modeling.artifacts import load_model
 from service.training.data import load_dataset
 from service.training.evaluate import predict_ids
-from tests.e2e.conftest import run_server
+from tests.e2e.conftest import run_server, spawn_serve
 
 pytestmark = pytest.mark.e2e
 TOL = 1e-5
@@ -454,27 +450,6 @@ def test_api_key_request_ids_and_access_log(models_dir: Path, tmp_path: Path) ->
     assert any(x["status"] == 401 for x in lines)
 
 
-def _spawn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    """A `moe-serve serve` process this test controls (signals, exit status); returns once it is ready."""
-    port = free_port()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"],
-            env={**os.environ, "MOE_PORT": str(port), "MOE_LOG_LEVEL": "warning", **env},
-            stdout=out,
-            stderr=out,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return proc, url
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server not ready: {log.read_text()[-2000:]}")
-
-
 def test_hung_worker_makes_the_process_exit_non_zero(tmp_path: Path) -> None:
     """A batch that runs past MOE_WORKER_HANG_S (here: the MiniLM model on 64 long texts against a 0.3 s limit)
     counts as a hung worker: the model process exits 3, the waiting request gets 503, and the server exits with 3
@@ -486,7 +461,7 @@ def test_hung_worker_makes_the_process_exit_non_zero(tmp_path: Path) -> None:
         "MOE_PRECISION": "fp32",
         "MOE_WORKER_HANG_S": "0.3",
     }
-    proc, url = _spawn(env, tmp_path / "log")
+    proc, url = spawn_serve(tmp_path / "log", **env)
     try:
         long_texts = [" ".join(["the market fell as shares slid"] * 60)] * 64
         with contextlib.suppress(httpx.HTTPError):  # the server may close the connection while it stops
@@ -508,7 +483,7 @@ def test_sigterm_under_load_leaves_no_accepted_connection_unanswered(models_dir:
     the instance answers 503 (draining), it opens no new connection to it. Every connection opened before that gets
     an HTTP answer (200, or 503 while the server drains), none is reset; the process then exits 0."""
     env = {"MOE_MODELS_DIR": str(models_dir), "MOE_DEFAULT_MODEL": "tiny", "MOE_SHUTDOWN_DRAIN_S": "1.5"}
-    proc, url = _spawn(env, tmp_path / "log")
+    proc, url = spawn_serve(tmp_path / "log", **env)
     outcomes: Counter = Counter()
     slots = asyncio.Semaphore(128)
     marked_down = False
