@@ -13,7 +13,7 @@ import numpy as np
 from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
 from service.modeling.folder import ModelFolderError, read_folder
 from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE, TOKENIZER_FILE
-from service.modeling.tokenizer import TextTokenizer
+from service.modeling.tokenizer import TextTokenizer, pad_ids
 
 GRAPHS = {"fp32": ONNX_FILE, "int8": ONNX_INT8_FILE}
 
@@ -42,12 +42,7 @@ class OnnxBackend(Backend):
             raise ModelFolderError(f"{folder.path / graph}: {len(outputs)} outputs, expected logits + 2 per MoE layer")
 
     def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
-        length = max(len(s) for s in sequences)
-        ids = np.full((len(sequences), length), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(sequences), length), dtype=np.int64)
-        for i, s in enumerate(sequences):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
+        ids, mask = pad_ids(sequences, self.pad_id)
         logits, *routes = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
         e = self.info.num_experts
         experts, gates = routes[0::2], routes[1::2]

@@ -38,11 +38,16 @@ def _percentiles(times: list[float]) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
 
 
+def length_sorted_batches(seqs: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Sorted by length, as the server's length-aware batcher would group them."""
+    ordered = sorted(seqs, key=len)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
 def time_backend(backend: Backend, seqs: list[list[int]], repeats: int) -> dict[str, Any]:
     """Batch 1 over every text, and batches of SATURATED (sorted by length, as the batcher cuts them); texts/s is
     the median over `repeats` passes, p50/p99 are per call over all passes."""
-    ordered = sorted(seqs, key=len)
-    batches = [ordered[i : i + SATURATED] for i in range(0, len(ordered), SATURATED)]
+    batches = length_sorted_batches(seqs, SATURATED)
     backend.forward(batches[0])  # warm-up: lazy initialisation, caches
     out: dict[str, Any] = {}
     for name, calls in (("batch_1", [[s] for s in seqs]), (f"batch_{SATURATED}", batches)):

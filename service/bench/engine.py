@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from service.bench.backends import length_sorted_batches
 from service.modeling.artifacts import ModelBundle
 from service.modeling.classifier import ModelConfig, MoEClassifier, PackedBatch, pad_batch
 from service.modeling.moe import MoEFeedForward
@@ -105,11 +106,6 @@ def experts_per_sequence(model: MoEClassifier) -> Iterator[Callable[[torch.Tenso
             b.ffn = f
 
 
-def _batches(seqs: list[list[int]], batch_size: int) -> list[list[list[int]]]:
-    # Sorted by length, as the server's length-aware batcher would group them.
-    ordered = sorted(seqs, key=len)
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-
 
 @torch.inference_mode()
 def engine_modes(
@@ -120,7 +116,7 @@ def engine_modes(
     for name, seqs in sets.items():
         tokens = sum(len(s) for s in seqs)
         flops = sum(text_flops(model.config, len(s)) for s in seqs)
-        batches = _batches(seqs, batch_size)
+        batches = length_sorted_batches(seqs, batch_size)
         padded = [pad_batch(b) for b in batches]
         singles = [pad_batch([s]) for s in seqs]
         runs = {

@@ -26,6 +26,7 @@ from service.modeling.moe import (
     router_z_loss,
 )
 from service.modeling.row_buckets import rows_bucketed
+from service.modeling.tokenizer import pad_ids
 
 
 @dataclass
@@ -237,10 +238,5 @@ class MoEClassifier(nn.Module):
 
 def pad_batch(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists to the longest one: (input_ids, attention_mask), both int64 [B, L]."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+    ids, mask = pad_ids(sequences, pad_id)
+    return torch.from_numpy(ids), torch.from_numpy(mask)

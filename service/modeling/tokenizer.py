@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -95,3 +96,15 @@ class TextTokenizer:
             Encoded(ids=self.frame(inner, max_length), original_length=max(len(inner) + specials, 1))
             for inner in self.encode_inner(texts)
         ]
+
+
+def pad_ids(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id lists to the longest one: (input_ids, attention_mask), both int64 [B, L]. numpy, so the
+    torch-free backends use it too; torch wraps the arrays without a copy (one tensor per row cost ~6x more)."""
+    length = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
