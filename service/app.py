@@ -22,7 +22,8 @@ from service.api.common import CLIENT_GONE, JSON, ClientDisconnected, counted_fa
 from service.api.fast_route import FastClassify
 from service.config import Settings
 from service.engine.handle import EngineHandle
-from service.engine.registry import BackendLoader, Engine
+from service.engine.launchers import ThreadLauncher
+from service.engine.local_engine import BackendLoader, LocalEngine
 from service.engine.remote import RemoteEngine
 from service.errors import FRAMEWORK_ERRORS, ErrorKind, ServiceError
 from service.metrics import CONTENT_TYPE, Metrics
@@ -91,19 +92,23 @@ def model_readiness(app: FastAPI) -> list[tuple[str, bool]]:
     engine = getattr(app.state, "engine", None)
     if engine is None:  # still starting
         return []
-    return [(n, w.ready) for n, w in engine.workers.items()] + [(n, False) for n in engine.failed]
+    return [(n, w.ready) for n, w in engine.models.items()] + [(n, False) for n in engine.failed]
 
 
 def create_app(settings: Settings | None = None, loader: BackendLoader | None = None) -> FastAPI:
     """The app. `loader` turns a model folder into a backend (default: the real ones, per the settings); the fast
-    API tests pass a fake."""
+    API tests pass a fake, and then a "model process" is a ModelServer on a thread of this process."""
     settings = settings or Settings()
-    remote = loader is None and settings.model_process
+    remote = settings.model_process
     metrics = Metrics(engine=not remote)  # with a model process, the engine's metrics live there
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine: EngineHandle = RemoteEngine(settings) if remote else Engine(settings, metrics, loader)
+        engine: EngineHandle
+        if remote:
+            engine = RemoteEngine(settings, ThreadLauncher(loader) if loader else None)
+        else:
+            engine = LocalEngine(settings, metrics, loader)
         app.state.engine = engine
         await engine.start()  # every model loaded and warmed up before accepting traffic
         # A dead or hung worker: stop serving (the CLI's server drains what it can; under another runner, SIGTERM)

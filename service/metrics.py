@@ -8,6 +8,7 @@ the hot path keeps one set of counts instead of two.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -81,6 +82,22 @@ class _ReadinessCollector(Collector):
         for model, ok in self.readiness():
             ready.add_metric([model], 1.0 if ok else 0.0)
         yield ready
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model's engine metric children, looked up once: a labels() call per text or batch costs a lock and a
+    dict."""
+
+    queue_depth: Gauge
+    tokenization: Histogram
+    texts: Counter
+    truncated: Counter
+    queue_wait: Histogram
+    inference: Histogram
+    batch_texts: Histogram
+    batch_tokens: Histogram
+    padding: Histogram
 
 
 class Metrics:
@@ -159,6 +176,19 @@ class Metrics:
         )
         self.model_info = Gauge(
             "moe_model_info", "Loaded models (value 1).", ["model", "backend", "device", "precision"], registry=r
+        )
+
+    def for_model(self, name: str) -> ModelMetrics:
+        return ModelMetrics(
+            queue_depth=self.queue_depth.labels(name),
+            tokenization=self.tokenization_duration.labels(name),
+            texts=self.texts.labels(name),
+            truncated=self.truncated.labels(name),
+            queue_wait=self.queue_duration.labels(name),
+            inference=self.inference_duration.labels(name),
+            batch_texts=self.batch_texts.labels(name),
+            batch_tokens=self.batch_tokens.labels(name),
+            padding=self.padding_ratio.labels(name),
         )
 
     def watch_routing(self, sources: Callable[[], Iterable[tuple[str, RoutingStats]]]) -> None:

@@ -10,7 +10,7 @@ import orjson
 from fastapi.responses import Response
 from starlette.types import Receive
 
-from service.engine.batcher import ClassifyResult
+from service.engine.results import ClassifyResult
 from service.errors import ErrorKind, ServiceError
 
 if TYPE_CHECKING:

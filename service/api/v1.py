@@ -11,8 +11,8 @@ from starlette.types import Receive
 
 from service.api.common import JSON, timing_headers, unless_disconnected
 from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody
-from service.engine.batcher import TextResult
 from service.engine.handle import EngineHandle, ModelHandle
+from service.engine.results import TextResult
 from service.errors import ErrorKind, ServiceError
 
 router = APIRouter(prefix="/v1", tags=["v1"])
@@ -138,7 +138,7 @@ async def model_card(worker: ModelHandle) -> dict[str, Any]:
 @router.get("/models", summary="Models served: labels, temperature, architecture, backend, device, eval metrics")
 async def list_models(request: Request) -> JSON:
     engine = engine_of(request)
-    cards = [await model_card(w) for w in engine.workers.values()]
+    cards = [await model_card(w) for w in engine.models.values()]
     cards += [{"name": name, "status": "failed", "error": why} for name, why in engine.failed.items()]
     return JSON({"default_model": engine.default_model, "models": cards})
 

@@ -125,7 +125,7 @@ async def live() -> JSON:
 async def ready(request: Request) -> JSON:
     engine = engine_of(request)
     draining = getattr(request.app.state, "draining", False)  # shutting down: send no more traffic here
-    ok = not draining and bool(engine.workers) and all(w.ready for w in engine.workers.values())
+    ok = not draining and bool(engine.models) and all(w.ready for w in engine.models.values())
     return JSON({"ready": ok, "failed_models": sorted(engine.failed)}, status_code=200 if ok else 503)
 
 

@@ -1,5 +1,6 @@
 """What the API layer sees of the engine: a façade per model, the same whether the model runs in this process
-(service/engine/batcher.py ModelWorker) or in a model process behind IPC (service/engine/remote.py)."""
+(LocalModel in service/engine/local_model.py, held by LocalEngine) or in a model process behind IPC (RemoteModel,
+held by RemoteEngine, in service/engine/remote.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from service.errors import ErrorKind, ServiceError, model_not_found
 if TYPE_CHECKING:
     from service.backends.base import ModelInfo
     from service.config import Settings
-    from service.engine.batcher import ClassifyResult
+    from service.engine.results import ClassifyResult
 
 
 class ModelHandle(Protocol):
@@ -43,7 +44,7 @@ class EngineHandle(Protocol):
     fatal: str | None  # set when the engine can no longer serve: the process must be restarted
 
     @property
-    def workers(self) -> dict[str, ModelHandle]: ...
+    def models(self) -> dict[str, ModelHandle]: ...
 
     @property
     def default_model(self) -> str: ...
@@ -64,9 +65,9 @@ def lookup(engine: EngineHandle, name: str | None) -> ModelHandle:
     name = name or engine.default_model
     if name in engine.failed:
         raise ServiceError(ErrorKind.MODEL_FAILED, f"model {name!r} failed to load: {engine.failed[name]}")
-    worker = engine.workers.get(name)
-    if worker is None:
-        raise model_not_found(name, [*engine.workers, *engine.failed])
-    if not worker.ready:
+    model = engine.models.get(name)
+    if model is None:
+        raise model_not_found(name, [*engine.models, *engine.failed])
+    if not model.ready:
         raise ServiceError(ErrorKind.MODEL_NOT_READY, f"model {name!r} is not ready")
-    return worker
+    return model

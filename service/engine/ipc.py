@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from service.backends.base import LayerRouting, ModelInfo
-from service.engine.batcher import ClassifyResult, TextResult
+from service.engine.results import ClassifyResult, TextResult
 from service.errors import ErrorKind, ServiceError
 
 Frames = list[bytes]

@@ -1,7 +1,7 @@
-"""The API process's side of the model processes: RemoteEngine starts one model process per model folder, talks
-to each over its own ZeroMQ ipc socket and gives the API one RemoteModel façade per model, with the same interface
-as an in-process ModelWorker. One process per model: a model's batches never wait behind another model's, and on
-a machine with more cores each model has its own.
+"""The API process's side of the model processes: RemoteEngine starts one model process per model folder
+(through a launcher: service/engine/launchers.py), talks to each over its own ZeroMQ socket and gives the API one
+RemoteModel façade per model, with the same interface as an in-process LocalModel. One process per model: a
+model's batches never wait behind another model's, and on a machine with more cores each model has its own.
 
 Failure handling: when a model process exits (killed, crashed, its watchdog found a hung batch) or stops answering
 pings for `worker_hang_s` + PING_SLACK_S (then it is killed), every waiting request gets 503 `model_not_ready`,
@@ -14,9 +14,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,28 +26,32 @@ import zmq.asyncio
 from service.backends.base import ModelInfo
 from service.config import Settings
 from service.engine import ipc
-from service.engine.batcher import ClassifyResult, retry_after_ms
 from service.engine.handle import lookup
-from service.engine.model_process import SETTINGS_ENV, configure
-from service.engine.registry import discover_models
+from service.engine.launchers import Child, Launcher, SubprocessLauncher
+from service.engine.local_engine import discover_models
+from service.engine.model_server import configure
+from service.engine.request_queue import deadline_for, retry_after_ms
+from service.engine.results import ClassifyResult
 from service.errors import ErrorKind, ServiceError, deadline_exceeded, queue_full
 from service.metrics import merge_expositions
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 1.0
-REPLY_SLACK_S = 5.0  # the model process answers its own deadlines; this only guards against a silent one
+REPLY_SLACK_S = 5.0  # how long a query (queue depth, routing, metrics) may take
 # Pings are answered between batches, so a long batch delays them: the model process's own watchdog (checking every
 # second) reports a batch over worker_hang_s and exits first; this kill is for a process that cannot even do that.
 PING_SLACK_S = 5.0
 
 
 class ModelProcess:
-    """One model process: the subprocess, its socket and the calls waiting on it."""
+    """One model process: the child, its socket and the calls waiting on it."""
 
-    def __init__(self, settings: Settings, folder: str, address: str, on_death: Callable[[str], None]) -> None:
-        self.settings, self.folder, self.address = settings, folder, address
+    def __init__(
+        self, settings: Settings, folder: str, address: str, launcher: Launcher, on_death: Callable[[str], None]
+    ) -> None:
+        self.settings, self.folder, self.address, self.launcher = settings, folder, address, launcher
         self.on_death = on_death
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: Child | None = None
         self.closing = False
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
@@ -57,10 +60,7 @@ class ModelProcess:
     async def start(self, ctx: zmq.asyncio.Context) -> dict[str, Any]:
         """Start it and wait until its model is loaded and warm (or failed): its description."""
         own = self.settings.model_copy(update={"models": [self.folder], "default_model": None})
-        env = {**os.environ, SETTINGS_ENV: own.model_dump_json(exclude={"api_key"})}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service.engine.model_process", self.address, env=env
-        )
+        self.proc = await self.launcher.start(own, self.address, ctx)
         self.sock = ctx.socket(zmq.DEALER)
         configure(self.sock)
         self.sock.connect(self.address)
@@ -93,20 +93,22 @@ class ModelProcess:
         self.fail_pending(ServiceError(ErrorKind.SHUTTING_DOWN, "the server is shutting down"))
         self.sock.close()
 
-    async def call(self, op: str, wait_s: float | None, **fields: Any) -> tuple[dict[str, Any], list[bytes]]:
+    async def call(
+        self, op: str, wait_s: float | None, *, own_ms: int | None = None, **fields: Any
+    ) -> tuple[dict[str, Any], list[bytes]]:
         rid = next(self._ids)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
             await self.sock.send_multipart(ipc.encode({"op": op, "id": rid, **fields}), copy=False)
             header, buffers = await asyncio.wait_for(future, wait_s)
-        except asyncio.CancelledError:
-            # The client went away: tell the model process, which drops the request's queued texts.
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            # The client went away or the deadline passed: the model process drops the request's queued texts.
             with contextlib.suppress(zmq.ZMQError):
                 await self.sock.send_multipart(ipc.encode({"op": "cancel", "id": rid}))
+            if isinstance(exc, TimeoutError):
+                raise deadline_exceeded(fields.get("model", self.folder), own_ms) from None
             raise
-        except TimeoutError:
-            raise deadline_exceeded(fields.get("model", self.folder)) from None
         finally:
             self._pending.pop(rid, None)
         if not header["ok"]:
@@ -176,12 +178,13 @@ class RemoteModel:
     ) -> ClassifyResult:
         n = len(texts)
         self._admit(n)
-        cap = self.engine.settings.request_timeout_s
-        wait_s = (cap if timeout_s is None else min(timeout_s, cap)) + REPLY_SLACK_S
+        # The model process answers deadlines of texts still queued; a batch that runs past one is answered here.
+        at, own_ms = deadline_for(timeout_s, self.engine.settings.request_timeout_s)
+        wait_s = max(0.0, at - time.monotonic())
         request = {"model": self.name, "texts": texts, "truncate": truncate, "routing": return_routing}
         self.in_flight += n
         try:
-            header, buffers = await self._call("classify", wait_s, **request, timeout_s=timeout_s)
+            header, buffers = await self._call("classify", wait_s, own_ms=own_ms, **request, timeout_s=timeout_s)
         finally:
             self.in_flight -= n
         self.texts_per_s = header["rate"]
@@ -205,23 +208,24 @@ class RemoteModel:
     async def _call(self, op: str, wait_s: float, **fields: Any) -> tuple[dict[str, Any], list[bytes]]:
         if self.engine.fatal is not None:
             raise ServiceError(ErrorKind.MODEL_NOT_READY, f"the model process is gone ({self.engine.fatal})")
-        return await self.process.call(op, wait_s, **fields)
+        return await self.process.call(op, wait_s, **fields)  # type: ignore[arg-type]
 
 
 class RemoteEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, launcher: Launcher | None = None) -> None:
         self.settings = settings
         self.failed: dict[str, str] = {}
         self.fatal: str | None = None
-        self._workers: dict[str, RemoteModel] = {}
+        self._models: dict[str, RemoteModel] = {}
         self._default = ""
-        self._dir = tempfile.TemporaryDirectory(prefix="moe-serve-")
+        self._dir = tempfile.TemporaryDirectory(prefix="moe-serve-")  # the ipc sockets
+        self.launcher = launcher or SubprocessLauncher(Path(self._dir.name))
         self.processes: list[ModelProcess] = []
         self._on_fatal: Callable[[str], None] = lambda _: None
 
     @property
-    def workers(self) -> dict[str, RemoteModel]:
-        return self._workers
+    def models(self) -> dict[str, RemoteModel]:
+        return self._models
 
     @property
     def default_model(self) -> str:
@@ -240,7 +244,7 @@ class RemoteEngine:
             raise FileNotFoundError(f"default model {s.default_model!r} is not among {', '.join(names)}")
         self.ctx = zmq.asyncio.Context()
         self.processes = [
-            ModelProcess(s, name, f"ipc://{Path(self._dir.name) / f'{i}.sock'}", self._die)
+            ModelProcess(s, name, self.launcher.address(i), self.launcher, self._die)
             for i, name in enumerate(names)
         ]
         descs = await asyncio.gather(*(p.start(self.ctx) for p in self.processes), return_exceptions=True)
@@ -250,14 +254,14 @@ class RemoteEngine:
                 raise desc
             self.failed.update(desc["failed"])
             for name, d in desc["models"].items():
-                self._workers[name] = RemoteModel(self, process, d)
+                self._models[name] = RemoteModel(self, process, d)
         for process in [p for p in self.processes if p.folder in self.failed]:
             await process.close()  # nothing to serve there
         self.processes = [p for p in self.processes if p.folder not in self.failed]
-        if not self._workers:
+        if not self._models:
             await self.close()
             raise RuntimeError(f"no model could be loaded from {s.models_dir}: {self.failed}")
-        self._default = s.default_model or next(n for n in names if n in self._workers)
+        self._default = s.default_model or next(n for n in names if n in self._models)
         for p in self.processes:
             p.watch()
         pids = ", ".join(f"{p.folder} ({p.proc.pid})" for p in self.processes if p.proc)

@@ -1,4 +1,5 @@
-"""The batcher with a real model: grouped execution per batch, length-aware cutting, deadlines, independence."""
+"""A LocalModel on its inference thread with a real model: grouped execution per batch, deadlines, independence,
+failures. (The queue alone: tests/unit/test_request_queue.py; the decision when to run: test_scheduler.py.)"""
 
 from __future__ import annotations
 
@@ -14,14 +15,28 @@ import pytest
 from service.backends import load_backend
 from service.backends.base import Backend
 from service.config import Settings
-from service.engine.batcher import ModelWorker, PendingRequest, WorkItem, future_finish
+from service.engine.local_model import LocalModel, future_finish
+from service.engine.loop import InferenceThread
+from service.engine.request_queue import PendingRequest, WorkItem
 from service.errors import ServiceError
 from service.metrics import Metrics
 
 
-def _worker(model_dir: Path, **settings) -> ModelWorker:
-    backend = load_backend(model_dir)
-    return ModelWorker(backend, Settings(**settings), Metrics(), ThreadPoolExecutor(1))
+class _Served:
+    """A LocalModel and its inference thread, started on demand (a test may queue texts first)."""
+
+    def __init__(self, model_dir: Path, **settings) -> None:
+        self.model = LocalModel(load_backend(model_dir), Settings(**settings), Metrics(), ThreadPoolExecutor(1))
+        self.thread = InferenceThread(self.model)
+
+    def start(self) -> LocalModel:
+        self.model.warm_up()
+        self.thread.start()
+        return self.model
+
+    def stop(self) -> None:
+        self.model.close()
+        self.thread.join(5)
 
 
 def _count_expert_calls(backend: Backend) -> Counter:
@@ -48,8 +63,9 @@ def _request(loop: asyncio.AbstractEventLoop, deadline: float, own_ms: int | Non
 
 def test_n_requests_one_batch_one_matmul_per_expert_per_layer(tiny_model_dir: Path) -> None:
     """32 concurrent requests run as one batch: each active expert's GEMM runs once per MoE layer, not 32 times."""
-    worker = _worker(tiny_model_dir, max_wait_ms=0)
-    calls = _count_expert_calls(worker.backend)
+    served = _Served(tiny_model_dir, max_wait_ms=0)
+    model = served.model
+    calls = _count_expert_calls(model.backend)
 
     async def run() -> list:
         loop = asyncio.get_running_loop()
@@ -57,24 +73,23 @@ def test_n_requests_one_batch_one_matmul_per_expert_per_layer(tiny_model_dir: Pa
         for i in range(32):  # queued before the inference thread starts, so the first cut sees them all
             req = _request(loop, time.monotonic() + 60)
             futures.append(req.future)
-            ids = worker.backend.tokenizer.encode_batch([f"report number {i} on shares and football"], 64)[0].ids
-            worker._admit([WorkItem(req, 0, ids, False, time.monotonic())])
+            ids = model.backend.tokenizer.encode_batch([f"report number {i} on shares and football"], 64)[0].ids
+            model.queue.admit([WorkItem(req, 0, ids, False, time.monotonic())])
             reqs.append(req)
-        worker._thread.start()
-        worker.ready = True
+        served.thread.start()
         return await asyncio.gather(*futures)
 
     results = asyncio.run(run())
-    worker.stop()
-    assert len(results) == 32 and worker.batches_run == 1
+    served.stop()
+    assert len(results) == 32 and model.runner.batches_run == 1
     assert calls and set(calls.values()) == {1}
     layers = {li for li, _ in calls}
     assert layers == {0, 1}
 
 
 def test_batched_results_equal_single_results(tiny_model_dir: Path) -> None:
-    worker = _worker(tiny_model_dir, max_wait_ms=20)
-    worker.start()
+    served = _Served(tiny_model_dir, max_wait_ms=20)
+    worker = served.start()
     texts = [("share prices " * (1 + i % 9)).strip() for i in range(24)]
 
     async def run():
@@ -83,65 +98,22 @@ def test_batched_results_equal_single_results(tiny_model_dir: Path) -> None:
         return alone, together
 
     alone, together = asyncio.run(run())
-    worker.stop()
+    served.stop()
     for a, b in zip(alone, together, strict=True):
         np.testing.assert_allclose(a.results[0].logits, b.results[0].logits, atol=1e-5, rtol=0)
-    assert worker.batches_run < 48  # some of the concurrent ones shared a batch
-
-
-def test_cut_batch_is_length_aware_and_keeps_the_oldest(tiny_model_dir: Path) -> None:
-    worker = _worker(tiny_model_dir, max_batch_size=4, max_batch_tokens=250)
-    loop = asyncio.new_event_loop()
-    now = time.monotonic()
-    lengths = [10, 60, 12, 64, 11, 9, 61, 13]
-    items = []
-    for i, n in enumerate(lengths):
-        req = _request(loop, now + 60)
-        items.append(WorkItem(req, 0, [1] * n, False, now + i * 1e-3))
-    worker._admit(items)
-    with worker._cond:
-        first = worker._cut_batch()
-        second = worker._cut_batch()
-    # Oldest (10 tokens) goes with its nearest lengths; the 60-ish texts form the next batch, oldest first.
-    assert sorted(len(it.ids) for it in first) == [9, 10, 11, 12]
-    assert len(second[0].ids) == 60 and sorted(len(it.ids) for it in second) == [
-        60,
-        61,
-        64,
-    ]  # adding the 13 would cost 4 x 64 > 250
-    assert max(len(it.ids) for it in second) * len(second) <= 250
-    loop.close()
-
-
-def test_expired_and_cancelled_items_never_reach_the_model(tiny_model_dir: Path) -> None:
-    worker = _worker(tiny_model_dir)
-    loop = asyncio.new_event_loop()
-    now = time.monotonic()
-    expired = _request(loop, now - 1)
-    cancelled = _request(loop, now + 60)
-    cancelled.cancelled = True
-    live = _request(loop, now + 60)
-    worker._admit([WorkItem(r, 0, [1, 2, 3], False, now) for r in (expired, cancelled, live)])
-    with worker._cond:
-        batch = worker._cut_batch()
-    assert [it.request for it in batch] == [live]
-    loop.run_until_complete(asyncio.sleep(0))  # deliver the thread-safe callbacks
-    with pytest.raises(ServiceError, match="deadline"):
-        expired.future.result()
-    assert not cancelled.future.done()
-    loop.close()
+    assert worker.runner.batches_run < 48  # some of the concurrent ones shared a batch
 
 
 def test_model_error_fails_its_batch_and_the_worker_lives_on(tiny_model_dir: Path) -> None:
     """A token id beyond the vocabulary makes the real model raise: that request gets an internal error, the
     inference thread survives, and the next request is served."""
-    worker = _worker(tiny_model_dir, max_wait_ms=0)
-    worker.start()
+    served = _Served(tiny_model_dir, max_wait_ms=0)
+    worker = served.start()
 
     async def run():
         loop = asyncio.get_running_loop()
         bad = _request(loop, time.monotonic() + 30)
-        worker._admit([WorkItem(bad, 0, [10**6], False, time.monotonic())])
+        worker.queue.admit([WorkItem(bad, 0, [10**6], False, time.monotonic())])
         with pytest.raises(ServiceError, match="failed on this batch") as failed:
             await bad.future
         # A 500 whose id names the log line, and no trace or path in what the client sees.
@@ -150,14 +122,14 @@ def test_model_error_fails_its_batch_and_the_worker_lives_on(tiny_model_dir: Pat
         return await worker.classify(["the markets rallied"])
 
     ok = asyncio.run(run())
-    worker.stop()
+    served.stop()
     assert ok.results[0].logits.shape == (5,)
 
 
 def test_stopped_worker_refuses_new_work(tiny_model_dir: Path) -> None:
-    worker = _worker(tiny_model_dir)
-    worker.start()
-    worker.stop()
+    served = _Served(tiny_model_dir)
+    worker = served.start()
+    served.stop()
     assert not worker.ready
     with pytest.raises(ServiceError, match="shutting down") as exc:
         asyncio.run(worker.classify(["late request"]))
@@ -166,7 +138,7 @@ def test_stopped_worker_refuses_new_work(tiny_model_dir: Path) -> None:
 
 def test_overload_is_refused_before_tokenizing(tiny_model_dir: Path) -> None:
     """A request that cannot fit in the queue gets its 429 (with the wait in ms) without a token being computed."""
-    worker = _worker(tiny_model_dir, max_queue_texts=4, max_wait_ms=0)
+    worker = _Served(tiny_model_dir, max_queue_texts=4, max_wait_ms=0).model
     calls: list[int] = []
     original = worker.backend.tokenizer.encode_batch
 
@@ -183,27 +155,13 @@ def test_overload_is_refused_before_tokenizing(tiny_model_dir: Path) -> None:
 
 def test_own_timeout_is_a_request_timeout(tiny_model_dir: Path) -> None:
     """The request's own timeout_ms passing is 408 (its choice); the server's cap passing stays 504."""
-    worker = _worker(tiny_model_dir, request_timeout_s=30)  # never started: nothing runs, deadlines pass
+    worker = _Served(tiny_model_dir, request_timeout_s=30).model  # never started: nothing runs, deadlines pass
     with pytest.raises(ServiceError) as own:
         asyncio.run(worker.classify(["market news"], timeout_s=0.05))
     assert own.value.status == 408 and "timeout_ms (50 ms)" in own.value.message
-    capped = _worker(tiny_model_dir, request_timeout_s=0.05)
+    capped = _Served(tiny_model_dir, request_timeout_s=0.05).model
     with pytest.raises(ServiceError) as server:
         asyncio.run(capped.classify(["market news"]))
     assert server.value.status == 504
 
 
-def test_own_deadline_passing_in_the_queue_is_408_too(tiny_model_dir: Path) -> None:
-    """The inference thread drops an expired text with the same status the event loop would give: the request's
-    own timeout_ms -> 408, the server's cap -> 504."""
-    worker = _worker(tiny_model_dir)
-    loop = asyncio.new_event_loop()
-    past = time.monotonic() - 1
-    own = _request(loop, past, own_ms=5)
-    capped = _request(loop, past)
-    worker._admit([WorkItem(r, 0, [1, 2], False, past) for r in (own, capped)])
-    with worker._cond:
-        assert worker._cut_batch() == []
-    loop.run_until_complete(asyncio.sleep(0))
-    assert own.future.exception().status == 408 and capped.future.exception().status == 504
-    loop.close()

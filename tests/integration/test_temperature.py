@@ -17,7 +17,8 @@ import torch
 from service.api.v1 import model_card, prediction
 from service.backends import load_backend
 from service.config import Settings
-from service.engine.batcher import ModelWorker
+from service.engine.local_model import LocalModel
+from service.engine.loop import InferenceThread
 from service.metrics import Metrics
 from service.modeling.artifacts import ModelFolderError, load_model, save_model, write_temperature
 from service.modeling.classifier import ModelConfig, MoEClassifier
@@ -86,13 +87,15 @@ def test_engine_applies_the_temperature_once_for_every_backend(tmp_path: Path) -
     texts = ["shares profits bank", "the striker scored a goal this season", "vote"]
     bundle = load_model(d)
     preds, _ = predict_texts(bundle, texts)
-    worker = ModelWorker(load_backend(d, device="cpu"), Settings(max_wait_ms=0), Metrics(), ThreadPoolExecutor(1))
+    worker = LocalModel(load_backend(d, device="cpu"), Settings(max_wait_ms=0), Metrics(), ThreadPoolExecutor(1))
     assert worker.info.temperature == t and asyncio.run(model_card(worker))["temperature"] == t
-    worker.start()
+    thread = InferenceThread(worker)
+    thread.start()
     try:
         result = asyncio.run(worker.classify(texts))
     finally:
-        worker.stop()
+        worker.close()
+        thread.join(5)
     for i, r in enumerate(result.results):
         np.testing.assert_allclose(r.logits, preds.logits[i] / t, atol=1e-5, rtol=1e-6)  # raw_scores: scaled
         served = prediction(worker, r, None, raw=False)

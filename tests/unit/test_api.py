@@ -1,6 +1,8 @@
-"""The API in-process: the real app (routes, middleware, error table, batcher) over a numpy fake backend, driven
-through httpx (Starlette's TestClient runs the lifespan). Milliseconds per test; the end-to-end tier
-(tests/e2e) checks the same behaviour against a real uvicorn process and real models."""
+"""The API in-process: the real app (routes, middleware, error table, queue, scheduler) over a numpy fake backend,
+driven through httpx (Starlette's TestClient runs the lifespan). Every test runs twice: on the default path (the
+model server and its socket loop, on a thread over inproc:// instead of in a process of its own) and on the
+one-process path (MOE_MODEL_PROCESS=false, an inference thread). Milliseconds per test; the end-to-end tier
+(tests/e2e) checks what needs real processes against a real uvicorn server and real models."""
 
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ def _repo(tmp_path: Path, *names: str) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def make_client(tmp_path: Path) -> Iterator:
+@pytest.fixture(params=[True, False], ids=["model-server", "one-process"])
+def make_client(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
     clients: list[TestClient] = []
 
     def make(delay_s: float = 0.0, broken: tuple[str, ...] = (), **settings: object) -> TestClient:
@@ -35,6 +37,7 @@ def make_client(tmp_path: Path) -> Iterator:
             return FakeBackend(path.name, delay_s)
 
         repo = _repo(tmp_path / f"repo{len(clients)}", "alpha", "beta", *broken)
+        settings = {"model_process": request.param, **settings}
         app = create_app(Settings(models_dir=repo, default_model="alpha", **settings), loader)  # type: ignore[arg-type]
         client = TestClient(app).__enter__()
         clients.append(client)

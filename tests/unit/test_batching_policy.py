@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.engine.batcher import WorkItem, cut_batch
+from service.engine.request_queue import WorkItem, cut_batch
 
 
 def _items(lengths: list[int]) -> list[WorkItem]:

@@ -1,4 +1,6 @@
-"""The engine: every model folder of the repository loaded into a backend with its own ModelWorker."""
+"""The in-process engine: every model folder of the repository loaded into a backend behind its own LocalModel.
+Its batches run on one inference thread per model (loop="thread"), or from the model process's socket loop
+(loop="external", service/engine/model_server.py): chosen once, at construction."""
 
 from __future__ import annotations
 
@@ -6,15 +8,18 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 from service.backends import load_backend
 from service.backends.base import Backend
 from service.config import Settings
-from service.engine.batcher import ModelWorker
 from service.engine.handle import lookup
+from service.engine.local_model import LocalModel
+from service.engine.loop import InferenceThread
 from service.metrics import Metrics
 from service.modeling.layout import CONFIG_FILE, EVAL_FILE, ROUTING_PROFILE_FILE
 
@@ -38,22 +43,27 @@ def discover_models(models_dir: Path, only: list[str] | None = None) -> list[Pat
 BackendLoader = Callable[[Path], Backend]
 
 
-class Engine:
+class LocalEngine:
     def __init__(
-        self, settings: Settings, metrics: Metrics, loader: BackendLoader | None = None, threads: bool = True
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        loader: BackendLoader | None = None,
+        loop: Literal["thread", "external"] = "thread",
     ) -> None:
         self.settings = settings
-        self.threads = threads  # False: the caller runs the batches (the model process's loop), no inference threads
+        self.loop = loop  # external: the caller runs the batches (the model process's socket loop)
         self.metrics = metrics
         # How a model folder becomes a backend: load_backend with the settings; tests may pass a fake.
         self.loader = loader or self._load_backend
-        self.workers: dict[str, ModelWorker] = {}
+        self.models: dict[str, LocalModel] = {}
+        self.threads: dict[str, InferenceThread] = {}
         self.failed: dict[str, str] = {}  # model name -> why it could not be loaded (no internal paths)
-        self.fatal: str | None = None  # set when a worker died or hung: the process must be restarted
+        self.fatal: str | None = None  # set when a model's thread died or its batch hung: the process must be restarted
         self._watchdog = threading.Event()
         # Tokenization runs here, off the event loop; HF tokenizers releases the GIL while it works.
         self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
-        metrics.watch_routing(lambda: [(n, w.stats) for n, w in self.workers.items()])
+        metrics.watch_routing(lambda: [(n, w.stats) for n, w in self.models.items()])
 
     def load(self) -> None:
         """Load and warm every model folder. A folder that fails (missing or corrupt weights, bad config, missing
@@ -66,7 +76,7 @@ class Engine:
             except Exception as exc:
                 self.failed[path.name] = _public_message(exc, s.models_dir)
                 log.error("model %s failed to load: %s", path.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-        if not self.workers:
+        if not self.models:
             raise RuntimeError(f"no model could be loaded from {s.models_dir}: {self.failed}")
         names = [p.name for p in paths]
         if s.default_model and s.default_model not in names:
@@ -81,19 +91,22 @@ class Engine:
         backend = self.loader(path)
         profile_file = path / ROUTING_PROFILE_FILE
         profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
-        worker = ModelWorker(backend, s, self.metrics, self.tokenize_pool, profile)
-        worker.evaluation = eval_summary(path)
-        worker.start(thread=self.threads)
-        self.workers[worker.name] = worker
-        self.metrics.model_info.labels(worker.name, backend.kind, backend.device, backend.info.precision).set(1)
-        info = (worker.name, backend.device, backend.kind, backend.info.precision)
+        model = LocalModel(backend, s, self.metrics, self.tokenize_pool, profile)
+        model.evaluation = eval_summary(path)
+        model.warm_up()
+        if self.loop == "thread":
+            self.threads[model.name] = thread = InferenceThread(model)
+            thread.start()
+        self.models[model.name] = model
+        self.metrics.model_info.labels(model.name, backend.kind, backend.device, backend.info.precision).set(1)
+        info = (model.name, backend.device, backend.kind, backend.info.precision)
         log.info("model %s ready on %s (%s backend, %s)", *info)
 
     @property
     def default_model(self) -> str:
-        return self.settings.default_model or next(iter(self.workers))
+        return self.settings.default_model or next(iter(self.models))
 
-    def get(self, name: str | None) -> ModelWorker:
+    def get(self, name: str | None) -> LocalModel:
         return lookup(self, name)  # type: ignore[return-value]
 
     async def start(self) -> None:
@@ -106,16 +119,16 @@ class Engine:
         return b""  # in-process: the engine's metrics are in the app's own registry already
 
     def watch(self, on_fatal: Callable[[str], None], every_s: float = 1.0) -> threading.Thread:
-        """Watchdog: a worker whose inference thread died or hung makes the model unready and calls on_fatal once
+        """Watchdog: a model whose inference thread died or whose batch hangs turns unready and calls on_fatal once
         (the server then stops and exits non-zero, so an orchestrator restarts it)."""
 
         def loop() -> None:
             while not self._watchdog.wait(every_s):
-                for w in self.workers.values():
-                    problem = w.health_problem(self.settings.worker_hang_s)
+                for m in self.models.values():
+                    problem = self.health_problem(m)
                     if problem and self.fatal is None:
-                        w.ready = False
-                        self.fatal = f"model {w.name}: {problem}"
+                        m.ready = False
+                        self.fatal = f"model {m.name}: {problem}"
                         log.critical("%s; stopping so that the process is restarted", self.fatal)
                         on_fatal(self.fatal)
 
@@ -123,10 +136,23 @@ class Engine:
         thread.start()
         return thread
 
-    def stop(self) -> None:
+    def health_problem(self, model: LocalModel) -> str | None:
+        """Why a model can no longer serve, if it cannot: its inference thread died, or one batch has run for
+        longer than worker_hang_s (a hung kernel or device)."""
+        thread = self.threads.get(model.name)
+        if model.ready and thread is not None and not thread.alive:
+            return "inference thread died"
+        started, hang_s = model.runner.busy_since, self.settings.worker_hang_s
+        if started is not None and time.monotonic() - started > hang_s:
+            return f"one batch has run for more than {hang_s:g} s"
+        return None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
         self._watchdog.set()
-        for w in self.workers.values():
-            w.stop()
+        for m in self.models.values():
+            m.close()
+        for t in self.threads.values():
+            t.join(timeout_s)
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -1,0 +1,207 @@
+"""A model served in this process: its tokenizer, request queue (service/engine/request_queue.py) and batch runner
+(service/engine/runner.py) behind the ModelHandle façade the API sees (service/engine/handle.py). Which loop runs
+its batches is chosen once, by whoever builds it: an inference thread (service/engine/loop.py) or the model
+process's socket loop (service/engine/model_server.py); both follow service/engine/scheduler.py's next_step."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from service.backends.base import Backend
+from service.config import Settings
+from service.engine.request_queue import Finish, PendingRequest, RequestQueue, WorkItem, deadline_for
+from service.engine.results import ClassifyResult, TextResult
+from service.engine.routing_stats import RoutingStats
+from service.engine.runner import BatchRunner
+from service.engine.scheduler import Pacing, Step, next_step
+from service.errors import ErrorKind, ServiceError, deadline_exceeded
+from service.metrics import Metrics
+from service.modeling.tokenizer import Encoded
+
+INLINE_TOKENIZE_CHARS = 1024  # requests up to this many characters are tokenized on the event loop itself
+Deadline = tuple[float, int | None]  # see deadline_for
+
+
+def _settle(fut: asyncio.Future, value: object) -> None:
+    if not fut.done():
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+
+
+def future_finish(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> Finish:
+    """Finish a request by settling an asyncio future on its own event loop (thread-safe)."""
+
+    def finish(value: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, fut, value)
+
+    return finish
+
+
+class LocalModel:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: Settings,
+        metrics: Metrics,
+        tokenize_pool: ThreadPoolExecutor,
+        profile: dict | None = None,
+    ) -> None:
+        self.backend, self.info, self.name = backend, backend.info, backend.info.name
+        self.settings, self.tokenize_pool = settings, tokenize_pool
+        self.m = metrics.for_model(self.name)
+        metrics.queue_capacity.labels(self.name).set(settings.max_queue_texts)
+        self.stats = RoutingStats(self.info.moe_layers, self.info.num_experts, settings.routing_window_s, profile)
+        self.runner = BatchRunner(backend, self.stats, self.m)
+        self.queue = RequestQueue(
+            self.name,
+            settings.max_queue_texts,
+            settings.max_batch_size,
+            max(settings.max_batch_tokens, self.info.max_length),  # a batch must hold one text of maximum length
+            rate=lambda: self.runner.texts_per_s,
+            on_depth=self.m.queue_depth.set,
+        )
+        self.pacing = Pacing(settings.max_wait_ms / 1000, settings.keep_warm_s)
+        self.ready = False
+        self.evaluation: dict | None = None  # eval.json's headline figures, read once at load (LocalEngine)
+
+    # -- lifecycle and scheduling (the loop that runs this model calls these) ---------------------------------
+    def warm_up(self) -> None:
+        self.backend.warmup()
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        self.queue.close()
+
+    def decide(self) -> Step:
+        with self.queue.cond:
+            state = self.pacing.state(len(self.queue), self.queue.full, self.queue.stopping)
+            return next_step(state, time.monotonic())
+
+    def run_batch(self) -> None:
+        batch = self.queue.cut()
+        if batch:  # every text it looked at may have been dead: then nothing ran
+            self.runner.run(batch)
+            self.pacing.after_batch(time.monotonic())
+
+    def tick(self) -> None:
+        self.pacing.after_tick(time.monotonic(), self.runner.tick())
+
+    # -- what the API sees of a model (the same for a model in a model process: service/engine/remote.py) ------
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    @property
+    def device(self) -> str:
+        return self.backend.device
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.runner.texts_per_s
+
+    async def queued(self) -> int:
+        return len(self.queue)
+
+    async def routing(self) -> dict:
+        return self.stats.snapshot()
+
+    async def classify(
+        self, texts: list[str], *, truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
+    ) -> ClassifyResult:
+        loop = asyncio.get_running_loop()
+        deadline = self._deadline(timeout_s)
+        self.queue.check_room(len(texts))  # refuse before any work: a refused request must not burn the cores
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            encoded = self._encode(texts, truncate)  # tens of microseconds: cheaper than a hop to the pool and back
+        else:
+            encoded = await loop.run_in_executor(self.tokenize_pool, self._encode, texts, truncate)
+        future = loop.create_future()
+        req = self._enqueue(encoded, deadline, return_routing, future_finish(loop, future))
+        try:
+            done, _ = await asyncio.wait({future}, timeout=max(0.0, deadline[0] - time.monotonic()))
+        except asyncio.CancelledError:
+            req.cancelled = True  # client went away: its texts still queued are dropped
+            future.cancel()
+            raise
+        if not done:
+            req.cancelled = True
+            future.cancel()  # a late result or error from the inference thread then goes nowhere, quietly
+            raise deadline_exceeded(self.name, deadline[1])
+        return future.result()
+
+    def submit(
+        self,
+        texts: list[str],
+        *,
+        truncate: bool,
+        return_routing: bool,
+        timeout_s: float | None,
+        finish: Callable[[ClassifyResult | ServiceError], None],
+    ) -> PendingRequest:
+        """classify() for a caller that runs the batches itself in the same thread (the model process): admits the
+        texts and returns; `finish` gets the ClassifyResult or the ServiceError later, from run_batch(). Refusals
+        (429, 422, ...) are raised."""
+        deadline = self._deadline(timeout_s)
+        self.queue.check_room(len(texts))
+        return self._enqueue(self._encode(texts, truncate), deadline, return_routing, finish)  # type: ignore[arg-type]
+
+    # -- the steps of a request --------------------------------------------------------------------------------
+    def _deadline(self, timeout_s: float | None) -> Deadline:
+        return deadline_for(timeout_s, self.settings.request_timeout_s)
+
+    def _encode(self, texts: list[str], truncate: bool) -> tuple[list[Encoded], float]:
+        t0 = time.perf_counter()
+        max_len = self.info.max_length
+        encoded = self.backend.tokenizer.encode_batch(texts, max_len)
+        took = time.perf_counter() - t0
+        self.m.tokenization.observe(took)
+        if not truncate:
+            for i, enc in enumerate(encoded):
+                if enc.truncated:
+                    raise ServiceError(
+                        ErrorKind.INPUT_TOO_LONG,
+                        f"inputs[{i}] has {enc.original_length} tokens, {enc.original_length - max_len} more than "
+                        f"model {self.name!r} accepts ({max_len}); shorten it or send truncate=true",
+                        field=f"inputs[{i}]",
+                    )
+        return encoded, took
+
+    def _enqueue(
+        self, encoded: tuple[list[Encoded], float], deadline: Deadline, return_routing: bool, finish: Finish
+    ) -> PendingRequest:
+        texts, tokenization_s = encoded
+        now = time.monotonic()
+        if now >= deadline[0]:
+            raise deadline_exceeded(self.name, deadline[1])
+
+        def done(value: object) -> None:
+            if isinstance(value, ServiceError):
+                finish(value)
+            else:
+                finish(self._complete(req, value, texts, tokenization_s))  # type: ignore[arg-type]
+
+        req = PendingRequest(done, len(texts), deadline[0], return_routing, own_ms=deadline[1])
+        self.queue.admit([WorkItem(req, i, e.ids, e.truncated, now) for i, e in enumerate(texts)])
+        return req
+
+    def _complete(
+        self, req: PendingRequest, results: list[TextResult], encoded: list[Encoded], tokenization_s: float
+    ) -> ClassifyResult:
+        if req.return_routing:
+            vocab = self.backend.tokenizer.tokenizer
+            for r, enc in zip(results, encoded, strict=True):
+                r.tokens = [vocab.id_to_token(t) or "" for t in enc.ids]
+        # Counted here, once, for every API that classifies (/v1 and /v2 alike).
+        self.m.texts.inc(len(results))
+        truncated = sum(r.truncated for r in results)
+        if truncated:
+            self.m.truncated.inc(truncated)
+        return ClassifyResult(results, tokenization_s, req.queue_s, req.inference_s)

@@ -1,0 +1,26 @@
+"""What classifying returns, in plain numpy: the API, the IPC wire and the engine all speak these types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.backends.base import LayerRouting
+
+
+@dataclass
+class TextResult:
+    logits: np.ndarray  # [num_labels], already divided by the model's temperature
+    n_tokens: int  # how many tokens the model read
+    truncated: bool
+    routing: list[LayerRouting] | None = None  # this text's tokens only
+    tokens: list[str] | None = None  # the token strings, with routing only
+
+
+@dataclass
+class ClassifyResult:
+    results: list[TextResult]
+    tokenization_s: float
+    queue_s: float  # longest wait of any of the request's texts
+    inference_s: float  # summed forward time of the batches the request's texts ran in
