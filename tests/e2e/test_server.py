@@ -345,11 +345,9 @@ def test_server_still_serves_after_bad_input(server: str) -> None:
 
 
 def test_queue_full_gives_429_with_retry_after(models_dir: Path, tmp_path: Path) -> None:
+    """Under a real flood some requests are served and the rest refused; the server serves on. (A request larger
+    than the queue, and the headers of a 429: tests/unit/test_api.py.)"""
     with run_server(models_dir, tmp_path / "log", max_queue_texts=2, max_batch_size=2, max_wait_ms=0) as url:
-        # More texts than the queue may ever hold: refused at once, whatever the load.
-        r = httpx.post(f"{url}/v1/classify", json={"inputs": ["a", "b", "c"]})
-        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and int(r.headers["retry-after-ms"]) >= 1
-        assert r.json()["type"] == "queue_full"
 
         async def flood() -> list[int]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:

@@ -92,8 +92,9 @@ def test_error_table(make_client) -> None:
 
 def test_full_queue_is_429_before_any_work(make_client) -> None:
     client = make_client(max_queue_texts=2)
-    r = client.post("/v1/classify", json={"inputs": ["a", "b", "c"]})
+    r = client.post("/v1/classify", json={"inputs": ["a", "b", "c"]})  # more than the queue may ever hold
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and int(r.headers["retry-after-ms"]) >= 1
+    assert r.json()["type"] == "queue_full"
 
 
 def test_own_timeout_is_408(make_client) -> None:

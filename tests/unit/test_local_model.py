@@ -1,0 +1,72 @@
+"""A LocalModel's own refusals, over the numpy fake backend (milliseconds): 503 once closed, 429 before any token
+is computed, 408 for the request's own deadline and 504 for the server's cap."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.config import Settings
+from service.engine.local_model import LocalModel
+from service.engine.loop import InferenceThread
+from service.errors import ServiceError
+from service.metrics import Metrics
+from tests.fakes import FakeBackend
+
+
+class _Served:
+    def __init__(self, **settings) -> None:
+        self.model = LocalModel(FakeBackend(), Settings(**settings), Metrics(), ThreadPoolExecutor(1))
+        self.thread = InferenceThread(self.model)
+
+    def start(self) -> LocalModel:
+        self.model.warm_up()
+        self.thread.start()
+        return self.model
+
+    def stop(self) -> None:
+        self.model.close()
+        self.thread.join(5)
+
+
+def test_stopped_worker_refuses_new_work() -> None:
+    served = _Served()
+    worker = served.start()
+    served.stop()
+    assert not worker.ready
+    with pytest.raises(ServiceError, match="shutting down") as exc:
+        asyncio.run(worker.classify(["late request"]))
+    assert exc.value.status == 503
+
+
+def test_overload_is_refused_before_tokenizing() -> None:
+    """A request that cannot fit in the queue gets its 429 (with the wait in ms) without a token being computed."""
+    worker = _Served(max_queue_texts=4, max_wait_ms=0).model
+    calls: list[int] = []
+    original = worker.backend.tokenizer.encode_batch
+
+    def counting(texts: list[str], max_length: int):
+        calls.append(len(texts))
+        return original(texts, max_length)
+
+    worker.backend.tokenizer.encode_batch = counting  # type: ignore[method-assign]
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(worker.classify(["market news"] * 5))
+    assert refused.value.status == 429 and int(refused.value.headers["retry-after-ms"]) >= 1
+    assert calls == []
+
+
+def test_own_timeout_is_a_request_timeout() -> None:
+    """The request's own timeout_ms passing is 408 (its choice); the server's cap passing stays 504."""
+    worker = _Served(request_timeout_s=30).model  # never started: nothing runs, deadlines pass
+    with pytest.raises(ServiceError) as own:
+        asyncio.run(worker.classify(["market news"], timeout_s=0.05))
+    assert own.value.status == 408 and "timeout_ms (50 ms)" in own.value.message
+    capped = _Served(request_timeout_s=0.05).model
+    with pytest.raises(ServiceError) as server:
+        asyncio.run(capped.classify(["market news"]))
+    assert server.value.status == 504
+
+
