@@ -6,8 +6,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -101,6 +101,30 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
     settings = settings or Settings()
     remote = settings.model_process
     metrics = Metrics(engine=not remote)  # with a model process, the engine's metrics live there
+    app = FastAPI(
+        title="moe-serve",
+        version=__version__,
+        lifespan=_engine_lifespan(settings, metrics, loader, remote),
+        description="Mixture-of-Experts text classification with expert-grouped dynamic batching.",
+    )
+    app.state.settings = settings  # the API reads its HTTP limits here
+    app.state.metrics = metrics
+    metrics.watch_models(lambda: model_readiness(app))
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    _add_error_handlers(app, metrics)
+    _add_ops_routes(app, metrics)
+    app.add_middleware(FastClassify, state=app.state)  # the hot route, past FastAPI's machinery
+    app.add_middleware(BodyLimitAndMetrics, settings=settings, metrics=metrics)
+    # Outermost: ids, draining and auth before any body is read.
+    app.add_middleware(RequestContext, settings=settings, state=app.state)
+    return app
+
+
+def _engine_lifespan(
+    settings: Settings, metrics: Metrics, loader: BackendLoader | None, remote: bool
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start the engine (in a model process when `remote`) before traffic, watch it, close it at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,17 +142,11 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
         yield
         await engine.close()
 
-    app = FastAPI(
-        title="moe-serve",
-        version=__version__,
-        lifespan=lifespan,
-        description="Mixture-of-Experts text classification with expert-grouped dynamic batching.",
-    )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    metrics.watch_models(lambda: model_readiness(app))
-    app.include_router(v1.router)
-    app.include_router(v2.router)
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every error answered with the error table's body and status, and counted."""
 
     def failure(request: Request, err: ServiceError) -> JSON:
         return counted_failure(metrics, getattr(request.state, "model", ""), err)
@@ -155,6 +173,10 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
     async def on_disconnect(request: Request, exc: ClientDisconnected) -> JSON:
         return failure(request, CLIENT_GONE)
 
+
+def _add_ops_routes(app: FastAPI, metrics: Metrics) -> None:
+    """/metrics (the API process's own plus the engine's) and /health."""
+
     @app.get(
         "/metrics",
         tags=["ops"],
@@ -169,9 +191,3 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
     @app.get("/health", tags=["ops"], summary="Liveness (same as /v2/health/live)")
     async def health() -> JSON:
         return JSON({"status": "ok"})
-
-    app.add_middleware(FastClassify, state=app.state)  # the hot route, past FastAPI's machinery
-    app.add_middleware(BodyLimitAndMetrics, settings=settings, metrics=metrics)
-    # Outermost: ids, draining and auth before any body is read.
-    app.add_middleware(RequestContext, settings=settings, state=app.state)
-    return app

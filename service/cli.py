@@ -6,7 +6,19 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import SecretStr
+from pydantic.fields import FieldInfo
+
+from service.backends.variants import ALL_PRECISIONS, BACKENDS, REFERENCE, runs_summary
+from service.config import Settings
+
+SPLITS = ("train", "validation", "test")
+Subparsers = argparse._SubParsersAction  # what add_subparsers returns
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -83,13 +95,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The flags given (serve's, and the top-level --log-level) over the MOE_* variables over the defaults."""
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
-    from service.config import Settings
     from service.server import serve
 
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**overrides)
+    settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())
     app = create_app(settings)
     serve(app, settings.host, settings.port, settings.log_level, settings.shutdown_drain_s, settings.shutdown_grace_s)
@@ -113,11 +129,37 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-serve", description="Train, evaluate and serve MoE text classifiers.")
-    p.add_argument("--log-level", help="critical | error | warning | info | debug (default: info, or MOE_LOG_LEVEL)")
-    sub = p.add_subparsers(dest="command", required=True)
+def _flag_type(annotation: Any) -> tuple[Callable[[str], Any] | None, tuple[str, ...] | None]:
+    """(argparse type, choices) of a settings field's type; type None: a bool, --x / --no-x. Lists, paths and secrets
+    pass as the raw string: the Settings validators parse them, exactly as they parse the MOE_* variable."""
+    if get_origin(annotation) in (Union, UnionType):  # X | None: the flag gives an X
+        (annotation,) = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return str, get_args(annotation)
+    if annotation is bool:
+        return None, None
+    return (annotation if annotation in (int, float) else str), None
 
+
+def _add_setting_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    """--name-with-dashes for the settings field `name`: its type and choices, its description as help. Not given:
+    absent from the namespace (SUPPRESS), so the environment and the default apply."""
+    kind, choices = _flag_type(field.annotation)
+    env = f"{Settings.model_config['env_prefix']}{name.upper()}"
+    shown = str(field.default).lower() if isinstance(field.default, bool) else field.default
+    default = "" if field.default is None else f", default {shown}"
+    secret = (
+        " (a flag shows in the process list: prefer the variable)" if SecretStr in get_args(field.annotation) else ""
+    )
+    help_text = f"{field.description}{secret} [{env}{default}]".replace("%", "%%")
+    flag = "--" + name.replace("_", "-")
+    if kind is None:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+    else:
+        parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text)
+
+
+def _add_train(sub: Subparsers) -> None:
     t = sub.add_parser("train", help="train a model from a recipe (YAML or JSON)")
     t.add_argument("--recipe", required=True, help="recipe file, e.g. recipes/bbc-news-moe.yaml")
     t.add_argument("--output", help="model folder to write (default: models/<recipe name>)")
@@ -125,19 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 
+
+def _add_evaluate(sub: Subparsers) -> None:
     e = sub.add_parser("evaluate", help="evaluate a model folder; JSON report on stdout, report + plots on disk")
     e.add_argument("--model", required=True, help="model folder, e.g. models/bbc-news-moe")
     e.add_argument("--data", help="built-in dataset name or .csv/.jsonl file (default: the model's training data)")
-    e.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    e.add_argument("--split", default="test", choices=SPLITS)
     e.add_argument("--text-column")
     e.add_argument("--label-column")
     e.add_argument("--output-dir", help="where to write eval.json and plots (default: reports/<model>-<data>-<split>)")
-    e.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="onnx needs `moe-serve export` first")
-    e.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="bf16 with torch, int8 with onnx"
-    )
+    e.add_argument("--backend", default=REFERENCE.backend, choices=BACKENDS, help="onnx needs `moe-serve export` first")
+    e.add_argument("--precision", default=REFERENCE.precision, choices=ALL_PRECISIONS, help=runs_summary())
     e.set_defaults(func=_evaluate)
 
+
+def _add_export(sub: Subparsers) -> None:
     x = sub.add_parser(
         "export",
         help="export a model folder to ONNX (model.onnx; with --quantize int8 also model.int8.onnx)",
@@ -155,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--threads", type=int, help="threads while measuring (default: the library's choice)")
     x.set_defaults(func=_export)
 
+
+def _add_calibrate(sub: Subparsers) -> None:
     c = sub.add_parser(
         "calibrate",
         help="fit the temperature on the model's own validation split and store it in its config.json",
@@ -162,32 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints T and the 15-bin expected calibration error before (T = 1) and after, on that split.",
     )
     c.add_argument("--model", required=True, help="model folder, e.g. models/bbc-news-moe")
-    c.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    c.add_argument("--split", default="validation", choices=SPLITS)
     c.set_defaults(func=_calibrate)
 
+
+def _add_serve(sub: Subparsers) -> None:
     s = sub.add_parser(
         "serve",
         help="serve every model in the model repository over HTTP",
-        description="Flags override MOE_* environment variables; see README for the full table.",
+        description="Every setting has a flag here and a MOE_* environment variable; a flag overrides its variable, "
+        "which overrides the default (README: Configuration).",
     )
-    s.add_argument("--models-dir")
-    s.add_argument("--models", type=lambda v: [m for m in v.split(",") if m], help="comma-separated model names")
-    s.add_argument("--default-model")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--threads", type=int, help="intra-op threads of torch / onnxruntime")
-    s.add_argument("--backend", choices=["auto", "torch", "onnx"], help="default auto: each model folder's choice")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], help="bf16 (torch) or int8 (onnx)")
-    s.add_argument("--max-batch-tokens", type=int)
-    s.add_argument("--max-batch-size", type=int)
-    s.add_argument("--max-wait-ms", type=float)
-    s.add_argument("--max-client-batch-size", type=int)
-    s.add_argument("--max-queue-texts", type=int)
-    s.add_argument("--request-timeout-s", type=float)
-    s.add_argument("--max-body-bytes", type=int)
+    for name, field in Settings.model_fields.items():
+        _add_setting_flag(s, name, field)
     s.set_defaults(func=_serve)
 
+
+def _add_bench(sub: Subparsers) -> None:
     b = sub.add_parser("bench", help="benchmark the engine and the server against the machine's limit")
     b.add_argument("--model", default="models/bbc-news-moe")
     b.add_argument("--quick", action="store_true", help="CI-sized run (under 3 minutes)")
@@ -195,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results to this file")
     b.add_argument("--output-dir", help="default: bench-results/<mode>")
     b.set_defaults(func=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-serve", description="Train, evaluate and serve MoE text classifiers.")
+    levels = " | ".join(get_args(Settings.model_fields["log_level"].annotation))
+    p.add_argument("--log-level", help=f"{levels} (default: info, or MOE_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_evaluate, _add_export, _add_calibrate, _add_serve, _add_bench):
+        add(sub)
     return p
 
 

@@ -1,31 +1,39 @@
-"""The one settings object. Environment variables use the prefix MOE_ (MOE_PORT=9000); CLI flags override them."""
+"""The one settings object. Environment variables use the prefix MOE_ (MOE_PORT=9000); `moe-serve serve` flags,
+generated from these fields (service/cli.py), override them. A new setting is a field here, with a description
+(the flag's help), plus its row in README's configuration table (a test checks both)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.backends.variants import BACKEND_SETTINGS, PRECISION_SETTINGS, runs_summary
+
+# Built from the variant table (a static type checker sees them as Literal of a tuple; pydantic and the CLI read
+# the values).
+BackendSetting = Literal[BACKEND_SETTINGS]  # "auto", "torch", "onnx"
+PrecisionSetting = Literal[PRECISION_SETTINGS]  # "auto", "fp32", "bf16", "int8"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOE_", extra="ignore")
 
     models_dir: Path = Field(Path("models"), description="model repository: one folder per model")
-    models: list[str] | None = Field(None, description="serve only these model folders (default: all)")
+    models: list[str] | None = Field(None, description="serve only these model folders, comma-separated (default: all)")
     default_model: str | None = Field(None, description="model used when a request names none (default: the first)")
     host: str = Field("127.0.0.1", description="bind address (the Docker image sets 0.0.0.0)")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
 
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="intra-op threads of torch / onnxruntime (default: theirs)")
-    backend: Literal["auto", "torch", "onnx"] = Field(
+    backend: BackendSetting = Field(
         "auto", description="auto: each model folder's measured choice (config.json serving), else torch"
     )
-    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
-        "auto", description="auto: the folder's choice; bf16 with torch, int8 with onnx"
-    )
+    precision: PrecisionSetting = Field("auto", description=f"auto: the folder's choice; {runs_summary()}")
 
     model_process: bool = Field(
         True,
@@ -58,7 +66,7 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="then: how long requests in flight may take to finish")
     routing_window_s: float = Field(60.0, gt=0, description="length of the recent window in routing statistics")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
     api_key: SecretStr | None = Field(
         None, description="when set, every route but health, /metrics and the docs needs Authorization: Bearer <key>"
     )
@@ -73,7 +81,7 @@ class Settings(BaseSettings):
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, v: object) -> object:
-        # MOE_MODELS=a,b as well as a JSON list.
-        if isinstance(v, str) and not v.strip().startswith("["):
-            return [s.strip() for s in v.split(",") if s.strip()]
+        # MOE_MODELS=a,b as well as a JSON list; --models a,b too (the one place the list is parsed).
+        if isinstance(v, str):
+            return json.loads(v) if v.strip().startswith("[") else [s.strip() for s in v.split(",") if s.strip()]
         return v

@@ -55,7 +55,7 @@ def parse(body: bytes) -> ClassifyRequest:
 class FastClassify:
     def __init__(self, app: ASGIApp, state: Any) -> None:
         self.app = app
-        self.state = state  # the app's state: engine (set at startup) and metrics
+        self.state = state  # the app's state: engine (set at startup), settings and metrics
         # The FastAPI route, set on the scope so that HTTP metrics label this route as FastAPI would.
         self.route = next(r for r in v1.router.routes if getattr(r, "path", None) == PATH)
 
@@ -67,7 +67,8 @@ class FastClassify:
         state = scope.setdefault("state", {})
         try:
             body = parse(await read_body(receive))
-            response = await answer_classify(self.state.engine, body, state, receive)
+            max_texts = self.state.settings.max_client_batch_size
+            response = await answer_classify(self.state.engine, body, state, receive, max_texts)
         except ServiceError as err:
             response = counted_failure(self.state.metrics, state.get("model", ""), err)
         except ClientDisconnected:

@@ -11,6 +11,7 @@ from starlette.types import Receive
 
 from service.api.common import JSON, timing_headers, unless_disconnected
 from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody
+from service.config import Settings
 from service.engine.handle import EngineHandle, ModelHandle
 from service.engine.results import TextResult
 from service.errors import ErrorKind, ServiceError
@@ -24,6 +25,11 @@ TOP_EXPERTS = 3
 
 def engine_of(request: Request) -> EngineHandle:
     return request.app.state.engine
+
+
+def settings_of(request: Request) -> Settings:
+    """The app's own settings (its HTTP limits), not the engine's."""
+    return request.app.state.settings
 
 
 def validate_texts(inputs: str | list[str], max_texts: int, field: str = "inputs") -> list[str]:
@@ -84,16 +90,19 @@ def prediction(worker: ModelHandle, r: TextResult, top_k: int | None, raw: bool)
 async def classify(body: ClassifyRequest, request: Request) -> JSON:
     # Requests with a JSON body are answered before they reach this route (service/api/fast_route.py); this one
     # serves the others and documents the API.
-    return await answer_classify(engine_of(request), body, request.scope["state"], request.receive)
+    max_texts = settings_of(request).max_client_batch_size
+    return await answer_classify(engine_of(request), body, request.scope["state"], request.receive, max_texts)
 
 
-async def answer_classify(engine: EngineHandle, body: ClassifyRequest, state: dict, receive: Receive) -> JSON:
+async def answer_classify(
+    engine: EngineHandle, body: ClassifyRequest, state: dict, receive: Receive, max_texts: int
+) -> JSON:
     """POST /v1/classify once the body is parsed. `state` is the request's scope state: the model name goes there
-    for the metrics and the access log."""
+    for the metrics and the access log. `max_texts`: the app's max_client_batch_size."""
     t0 = time.perf_counter()
     worker = engine.get(body.model)
     state["model"] = worker.name
-    texts = validate_texts(body.inputs, engine.settings.max_client_batch_size)
+    texts = validate_texts(body.inputs, max_texts)
     timeout = body.timeout_ms / 1000 if body.timeout_ms else None
     work = worker.classify(texts, truncate=body.truncate, return_routing=body.return_routing, timeout_s=timeout)
     result = await unless_disconnected(receive, work)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from service import __version__
 from service.api.common import JSON, timing_headers, unless_disconnected
 from service.api.schemas import InferRequest, InferResponse, ModelMetadata
-from service.api.v1 import ERRORS, engine_of, softmax, validate_texts
+from service.api.v1 import ERRORS, engine_of, settings_of, softmax, validate_texts
 from service.errors import ErrorKind, ServiceError
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -195,7 +195,7 @@ async def infer(model: str, request: Request) -> JSON:
     worker = engine.get(model)
     request.state.model = worker.name
     req = await _parse(request)
-    texts = _texts(req, engine.settings.max_client_batch_size)
+    texts = _texts(req, settings_of(request).max_client_batch_size)
     if req.outputs:
         unknown = [o.name for o in req.outputs if o.name not in OUTPUTS]
         if unknown:

@@ -1,9 +1,10 @@
 """Backends behind one interface (base.Backend). Imported lazily so the API layer never imports torch, and the ONNX
 backend never does either.
 
-Which backend and precision run a model: the setting (MOE_BACKEND / MOE_PRECISION, or --backend / --precision),
-whose default `auto` takes the model folder's own choice, config.json "serving": {"backend", "precision"} (written
-by `moe-serve export --choose` from measurements), and torch fp32 when the folder has none.
+The variants (backend x precision x device, and what each needs) are one table: service/backends/variants.py.
+Which one runs a model: the setting (MOE_BACKEND / MOE_PRECISION, or --backend / --precision), whose default `auto`
+takes the model folder's own choice, config.json "serving": {"backend", "precision"} (written by `moe-serve export
+--choose` from measurements), and the reference variant (torch fp32) when the folder has none.
 """
 
 from __future__ import annotations
@@ -11,36 +12,39 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.backends.base import Backend
-from service.backends.onnx_backend import GRAPHS  # the precision -> graph file table (imports no onnxruntime)
+from service.backends.variants import AUTO, BACKENDS, PRECISIONS, REFERENCE, device_kind, devices, find
 from service.modeling.layout import CONFIG_FILE
+
+if TYPE_CHECKING:
+    from service.backends.base import Backend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
-PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": tuple(GRAPHS)}
 
-
-def resolve(model_dir: str | Path, kind: str = "auto", precision: str = "auto") -> tuple[str, str]:
+def resolve(model_dir: str | Path, kind: str = AUTO, precision: str = AUTO) -> tuple[str, str]:
     """(backend, precision) for this folder: explicit settings first, then the folder's "serving", then torch fp32."""
     serving = {}
     config = Path(model_dir) / CONFIG_FILE
     if config.is_file():
         serving = json.loads(config.read_text()).get("serving") or {}
-    graph = GRAPHS.get(serving.get("precision")) if serving.get("backend") == "onnx" else None
+    chosen = find(serving.get("backend"), serving.get("precision"))
+    graph = chosen.graph if chosen else None
     if graph and not (Path(model_dir) / graph).is_file():
         # Graphs are build artefacts (`moe-serve export`; the Docker image makes them), not committed: without
         # the chosen one, `auto` serves torch rather than failing.
         choice = f"{serving.get('backend')} {serving.get('precision')}"
         log.warning("%s: serving choice %s needs %s (run `moe-serve export`); using torch", model_dir, choice, graph)
         serving = {}
-    if kind == "auto":
-        kind = serving.get("backend", "torch")
-        if precision == "auto":
-            precision = serving.get("precision", "fp32")
-    if precision == "auto":
-        precision = serving.get("precision", "fp32") if serving.get("backend") == kind else "fp32"
+    if kind == AUTO:
+        kind = serving.get("backend", REFERENCE.backend)
+        if precision == AUTO:
+            precision = serving.get("precision", REFERENCE.precision)
+    if precision == AUTO:
+        precision = (
+            serving.get("precision", REFERENCE.precision) if serving.get("backend") == kind else REFERENCE.precision
+        )
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; available: {', '.join(BACKENDS)}")
     if precision not in PRECISIONS[kind]:
@@ -50,10 +54,10 @@ def resolve(model_dir: str | Path, kind: str = "auto", precision: str = "auto") 
 
 def load_backend(
     model_dir: str | Path,
-    device: str = "auto",
-    kind: str = "auto",
+    device: str = AUTO,
+    kind: str = AUTO,
     threads: int | None = None,
-    precision: str = "auto",
+    precision: str = AUTO,
 ) -> Backend:
     kind, precision = resolve(model_dir, kind, precision)
     if kind == "torch":
@@ -61,8 +65,10 @@ def load_backend(
 
         set_threads(threads)
         return TorchBackend(str(model_dir), device, precision)
-    if device not in ("auto", "cpu"):
-        raise ValueError(f"the onnx backend runs on the CPU; device {device!r} needs --backend torch")
+    if device != AUTO and device_kind(device) not in devices(kind):
+        able = [b for b in BACKENDS if device_kind(device) in devices(b)]
+        needs = " or ".join(f"--backend {b}" for b in able) or "another device"
+        raise ValueError(f"the {kind} backend runs on {' or '.join(devices(kind))}; device {device!r} needs {needs}")
     from service.backends.onnx_backend import OnnxBackend
 
     return OnnxBackend(model_dir, precision, threads)

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
+from service.backends.variants import graphs
 from service.modeling.folder import ModelFolderError, read_folder
-from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE, TOKENIZER_FILE
+from service.modeling.layout import TOKENIZER_FILE
 from service.modeling.tokenizer import TextTokenizer, pad_ids
 
-GRAPHS = {"fp32": ONNX_FILE, "int8": ONNX_INT8_FILE}
+GRAPHS = graphs("onnx")  # precision -> graph file, from the variant table
 
 
 class OnnxBackend(Backend):

@@ -1,10 +1,11 @@
-"""Every way to run one model folder, side by side: torch fp32 / bf16, ONNX Runtime fp32 / int8.
+"""Every way to run one model folder on the CPU, side by side: the CPU rows of the variant table
+(service/backends/variants.py: torch fp32 / bf16, ONNX Runtime fp32 / int8).
 
 `measure_variants` times each at batch 1 and at a saturated batch on the same texts (medians of several runs) and
-checks its answers against torch fp32 on a labelled split. `choose` picks the fastest variant (geometric mean of
-the two regimes) that answers as the reference does: fp32 with probabilities within 1e-4, the same labels and
-routing 99.9% the same; bf16 / int8 with macro-F1 within 0.5 points. `write_choice` records it in config.json
-"serving", which `--backend auto` then follows.
+checks its answers against the reference (torch fp32) on a labelled split. `choose` picks the fastest variant
+(geometric mean of the two regimes) that answers as the reference does: fp32 with probabilities within 1e-4, the
+same labels and routing 99.9% the same; bf16 / int8 with macro-F1 within 0.5 points. `write_choice` records it in
+config.json "serving", which `--backend auto` then follows.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ import numpy as np
 
 from service.backends import load_backend
 from service.backends.base import Backend
+from service.backends.variants import REFERENCE, Variant, on_device
 from service.modeling.folder import update_config
-from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE, WEIGHTS_FILE
 
-VARIANTS = (("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8"))
-FILES = {("torch", "fp32"): WEIGHTS_FILE, ("torch", "bf16"): WEIGHTS_FILE, ("onnx", "fp32"): ONNX_FILE}
-FILES[("onnx", "int8")] = ONNX_INT8_FILE
 FP32_MAX_DIFF, ROUTING_MIN, F1_MAX_DROP = 1e-4, 0.999, 0.005
 SATURATED = 64
 
 
-def available(model_dir: Path) -> list[tuple[str, str]]:
-    return [v for v in VARIANTS if (model_dir / FILES[v]).is_file()]
+def available(model_dir: Path) -> list[Variant]:
+    """The CPU variants whose file the folder has (ONNX graphs only after `moe-serve export`)."""
+    return [v for v in on_device("cpu") if (model_dir / v.file).is_file()]
+
+
+def is_reference(backend: str, precision: str) -> bool:
+    return (backend, precision) == (REFERENCE.backend, REFERENCE.precision)
 
 
 def _percentiles(times: list[float]) -> dict[str, float]:
@@ -72,13 +75,13 @@ def measure_variants(
 
     bundle = load_model(model_dir) if eval_split else None
     rows = []
-    for kind, precision in available(model_dir):
-        backend = load_backend(model_dir, "cpu", kind, threads, precision)
-        row: dict[str, Any] = {"backend": kind, "precision": precision}
-        row["size_mb"] = round((model_dir / FILES[(kind, precision)]).stat().st_size / 1e6, 1)
+    for variant in available(model_dir):
+        backend = load_backend(model_dir, "cpu", variant.backend, threads, variant.precision)
+        row: dict[str, Any] = {"backend": variant.backend, "precision": variant.precision}
+        row["size_mb"] = round((model_dir / variant.file).stat().st_size / 1e6, 1)
         row |= time_backend(backend, timing_texts, repeats)
         if bundle is not None and eval_split is not None:
-            other = None if (kind, precision) == ("torch", "fp32") else backend
+            other = None if variant == REFERENCE else backend
             report = evaluate_model(bundle, None, eval_split, None, backend=other)
             row["split"] = eval_split
             row["macro_f1"] = report["macro_f1"]
@@ -104,8 +107,8 @@ def speed(row: dict[str, Any]) -> float:
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest variant that answers as torch fp32 does."""
-    ref = next(r for r in rows if (r["backend"], r["precision"]) == ("torch", "fp32"))
+    """The fastest variant that answers as the reference (torch fp32) does."""
+    ref = next(r for r in rows if is_reference(r["backend"], r["precision"]))
     best = max((r for r in rows if passes(r, ref["macro_f1"])), key=speed)
     return {"backend": best["backend"], "precision": best["precision"]}
 

@@ -96,7 +96,7 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
         row["peak_share"] = round(row["gflops"] / peak, 4)
     single = next(r for r in rows if r.mode == "per_request" and r.texts == "short")
     results["engine_single_short_ms"] = round(1000 / single.seq_per_s, 3)
-    log.info("backends")  # torch fp32 / bf16, and ONNX fp32 / int8 where `moe-serve export` has written them
+    log.info("backends")  # the variant table's CPU rows whose files are there (ONNX: after `moe-serve export`)
     results["backends"] = measure_variants(Path(model_dir), sets["mix"], None, cfg["repeats"])
 
     if not skip_served:
