@@ -14,6 +14,7 @@ from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody
 from service.engine.batcher import TextResult
 from service.engine.handle import EngineHandle, ModelHandle
 from service.errors import ErrorKind, ServiceError
+from service.modeling.probabilities import softmax
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -38,12 +39,6 @@ def validate_texts(inputs: str | list[str], max_texts: int, field: str = "inputs
         if not t.strip():
             raise ServiceError(ErrorKind.VALIDATION, f"{field}[{i}] is empty or whitespace", field=f"{field}[{i}]")
     return texts
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _routing(worker: ModelHandle, r: TextResult) -> dict[str, Any]:

@@ -8,13 +8,12 @@ by `moe-serve export --choose` from measurements), and torch fp32 when the folde
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from service.backends.base import Backend
 from service.backends.onnx_backend import GRAPHS  # the precision -> graph file table (imports no onnxruntime)
-from service.modeling.layout import CONFIG_FILE
+from service.modeling.folder import ModelFolder, read_folder
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +21,11 @@ BACKENDS = ("torch", "onnx")
 PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": tuple(GRAPHS)}
 
 
-def resolve(model_dir: str | Path, kind: str = "auto", precision: str = "auto") -> tuple[str, str]:
+def resolve(folder: ModelFolder, kind: str = "auto", precision: str = "auto") -> tuple[str, str]:
     """(backend, precision) for this folder: explicit settings first, then the folder's "serving", then torch fp32."""
-    serving = {}
-    config = Path(model_dir) / CONFIG_FILE
-    if config.is_file():
-        serving = json.loads(config.read_text()).get("serving") or {}
+    model_dir, serving = folder.path, folder.serving
     graph = GRAPHS.get(serving.get("precision")) if serving.get("backend") == "onnx" else None
-    if graph and not (Path(model_dir) / graph).is_file():
+    if graph and not (model_dir / graph).is_file():
         # Graphs are build artefacts (`moe-serve export`; the Docker image makes them), not committed: without
         # the chosen one, `auto` serves torch rather than failing.
         choice = f"{serving.get('backend')} {serving.get('precision')}"
@@ -55,14 +51,15 @@ def load_backend(
     threads: int | None = None,
     precision: str = "auto",
 ) -> Backend:
-    kind, precision = resolve(model_dir, kind, precision)
+    folder = read_folder(model_dir)  # config.json read once for the whole load
+    kind, precision = resolve(folder, kind, precision)
     if kind == "torch":
         from service.backends.torch_backend import TorchBackend, set_threads
 
         set_threads(threads)
-        return TorchBackend(str(model_dir), device, precision)
+        return TorchBackend(folder, device, precision)
     if device not in ("auto", "cpu"):
         raise ValueError(f"the onnx backend runs on the CPU; device {device!r} needs --backend torch")
     from service.backends.onnx_backend import OnnxBackend
 
-    return OnnxBackend(model_dir, precision, threads)
+    return OnnxBackend(folder, precision, threads)

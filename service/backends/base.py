@@ -9,12 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from service.modeling.folder import FolderConfig
+from service.modeling.folder import ModelFolder
 from service.modeling.tokenizer import TextTokenizer
 
 
 @dataclass
 class ModelInfo:
+    """The engine's, API's and IPC's view of a loaded model: derived from its folder record by `model_info` (flat,
+    so it crosses the model-process boundary as a plain dict), plus what the backend computes in."""
+
     name: str
     path: Path
     labels: list[str]
@@ -29,13 +32,13 @@ class ModelInfo:
     precision: str = "fp32"  # what the backend computes in: fp32 | bf16 | int8
 
 
-def model_info(folder: FolderConfig, precision: str = "fp32") -> ModelInfo:
-    """What the engine and the API know of a model, from its checked config.json: the same for every backend."""
+def model_info(folder: ModelFolder, precision: str = "fp32") -> ModelInfo:
+    """What the engine and the API know of a model, from its folder record: the same for every backend."""
     cfg = folder.config
     return ModelInfo(
-        name=folder.path.name,
+        name=folder.name,
         path=folder.path,
-        labels=folder.labels,
+        labels=list(folder.labels),
         max_length=cfg.max_length,
         num_experts=cfg.num_experts,
         top_k=cfg.top_k,
