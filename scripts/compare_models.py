@@ -122,7 +122,7 @@ def committed(path: Path, splits: dict[str, list[Example]]) -> dict[str, Any]:
     bundle = load_model(path)
     report = evaluate_model(bundle, None, "test", None)
     return {
-        "model": f"{bundle.name} (committed)",
+        "model": f"{bundle.folder.name} (committed)",
         "article_macro_f1": report["macro_f1"],
         "headline_macro_f1": report["headline"]["macro_f1"],
         **size_and_speed(bundle.model, bundle.tokenizer, splits["test"]),

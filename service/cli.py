@@ -38,14 +38,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from service.modeling.artifacts import load_model
     from service.training.evaluate import evaluate_model
 
-    bundle = load_model(args.model)
+    loaded = load_model(args.model)
+    folder = loaded.folder
     out = args.output_dir
     variant = "" if (args.backend, args.precision) == ("torch", "fp32") else f"-{args.backend}-{args.precision}"
     if out is None:
-        data_name = Path(args.data).stem if args.data else bundle.training.get("dataset", "data")
-        out = Path("reports") / f"{bundle.name}-{data_name}-{args.split}{variant}"
-    backend = load_backend(args.model, "cpu", args.backend, precision=args.precision) if variant else None
-    report = evaluate_model(bundle, args.data, args.split, out, args.text_column, args.label_column, backend)
+        data_name = Path(args.data).stem if args.data else folder.training.get("dataset", "data")
+        out = Path("reports") / f"{folder.name}-{data_name}-{args.split}{variant}"
+    backend = load_backend(folder, "cpu", args.backend, precision=args.precision) if variant else None
+    report = evaluate_model(loaded, args.data, args.split, out, args.text_column, args.label_column, backend)
     print(json.dumps(report, indent=2))
     print(f"report and plots written to {out}", file=sys.stderr)
     return 0
@@ -66,30 +67,34 @@ def _choose_backend(model_dir: Path, threads: int | None) -> dict:
     from service.bench.backends import measure_variants, write_choice
     from service.bench.run import machine
     from service.modeling.artifacts import load_model
-    from service.training.evaluate import encode_examples, model_examples
+    from service.training.evaluate import model_examples
+    from service.training.predict import encode_texts
 
-    bundle = load_model(model_dir)
-    examples, _ = model_examples(bundle, None, "validation")
-    texts = encode_examples(bundle.tokenizer, examples, bundle.config.max_length)[:128]
+    loaded = load_model(model_dir)
+    folder = loaded.folder
+    examples, _ = model_examples(folder, None, "validation")
+    texts = encode_texts(loaded.tokenizer, [e.text for e in examples], folder.config.max_length)[:128]
     rows = measure_variants(model_dir, texts, "validation", threads=threads)
     m = machine()
     choice = write_choice(model_dir, rows, f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}")
-    return {"model": bundle.name, "chosen": choice, "variants": rows}
+    return {"model": folder.name, "chosen": choice, "variants": rows}
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from service.modeling.artifacts import load_model, write_temperature
     from service.training.calibration import fit_temperature
-    from service.training.evaluate import calibration_section, label_ids, model_examples, predict_texts
+    from service.training.evaluate import label_ids, model_examples
+    from service.training.metrics import calibration_section
+    from service.training.predict import predict_texts
 
-    bundle = load_model(args.model)
-    examples, _ = model_examples(bundle, None, args.split)
-    preds, _ = predict_texts(bundle, [e.text for e in examples])  # preds.logits: the model's own, whatever T is
-    y = label_ids(bundle, examples)
+    loaded = load_model(args.model)
+    examples, _ = model_examples(loaded.folder, None, args.split)
+    preds, _ = predict_texts(loaded, [e.text for e in examples])  # preds.logits: the model's own, whatever T is
+    y = label_ids(loaded.folder, examples)
     temperature = fit_temperature(preds.logits, y)
     write_temperature(args.model, temperature)
     section = calibration_section(preds.logits, y, temperature)
-    result = {"model": bundle.name, "split": args.split, "examples": len(examples), **section}
+    result = {"model": loaded.folder.name, "split": args.split, "examples": len(examples), **section}
     print(json.dumps(result, indent=2))
     print(f"temperature {temperature} written to {Path(args.model) / 'config.json'}", file=sys.stderr)
     return 0

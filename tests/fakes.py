@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.backends.base import Backend, BatchOutput, LayerRouting, ModelInfo
+from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
+from service.modeling.config import ModelConfig
+from service.modeling.folder import ModelFolder
 from service.modeling.tokenizer import Encoded
 
 LABELS = ["business", "sport", "tech"]
@@ -32,8 +34,8 @@ class FakeBackend(Backend):
 
     def __init__(self, name: str = "fake", delay_s: float = 0.0, max_length: int = 64) -> None:
         self.tokenizer = FakeTokenizer()  # type: ignore[assignment]
-        arch = {"d_model": 8, "d_ff": 16, "n_heads": 2, "attention": True, "moe_every": 1, "vocab_size": 64}
-        self.info = ModelInfo(name, Path(name), LABELS, max_length, 4, 2, 1, 1, arch)
+        cfg = ModelConfig(64, len(LABELS), max_length, d_model=8, n_layers=1, n_heads=2, d_ff=16, num_experts=4)
+        self.info = model_info(ModelFolder(Path(name), cfg, tuple(LABELS)))
         self.delay_s = delay_s
         self.calls = 0
 

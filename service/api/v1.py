@@ -15,6 +15,7 @@ from service.config import Settings
 from service.engine.handle import EngineHandle, ModelHandle
 from service.engine.results import TextResult
 from service.errors import ErrorKind, ServiceError
+from service.modeling.probabilities import softmax
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -44,12 +45,6 @@ def validate_texts(inputs: str | list[str], max_texts: int, field: str = "inputs
         if not t.strip():
             raise ServiceError(ErrorKind.VALIDATION, f"{field}[{i}] is empty or whitespace", field=f"{field}[{i}]")
     return texts
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _routing(worker: ModelHandle, r: TextResult) -> dict[str, Any]:
@@ -112,28 +107,12 @@ async def answer_classify(
 
 async def model_card(worker: ModelHandle) -> dict[str, Any]:
     info = worker.info
-    a = info.architecture
     return {
         "name": info.name,
         "labels": info.labels,
         "max_length": info.max_length,
         "temperature": info.temperature,  # scores are softmax(logits / temperature)
-        "architecture": {
-            "experts": info.num_experts,
-            "top_k": info.top_k,
-            "layers": info.num_layers,
-            "moe_layers": info.moe_layers,
-            "d_model": a["d_model"],
-            "d_ff": a["d_ff"],
-            "expert_d_ff": a.get("expert_d_ff") or a["d_ff"],
-            # weighted: a token's expert outputs are fused by its gates; sum: added (experts sliced from one FFN)
-            "combine": a.get("combine", "weighted"),
-            "norm": a.get("norm", "pre"),
-            "n_heads": a["n_heads"],
-            "attention": a["attention"],
-            "moe_every": a["moe_every"],
-            "vocab_size": a["vocab_size"],
-        },
+        "architecture": info.architecture,
         "backend": worker.kind,
         "precision": worker.info.precision,
         "device": worker.device,

@@ -9,13 +9,12 @@ takes the model folder's own choice, config.json "serving": {"backend", "precisi
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.backends.variants import AUTO, BACKENDS, PRECISIONS, REFERENCE, device_kind, devices, find
-from service.modeling.layout import CONFIG_FILE
+from service.modeling.folder import ModelFolder, read_folder
 
 if TYPE_CHECKING:
     from service.backends.base import Backend
@@ -23,15 +22,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def resolve(model_dir: str | Path, kind: str = AUTO, precision: str = AUTO) -> tuple[str, str]:
+def resolve(folder: ModelFolder, kind: str = AUTO, precision: str = AUTO) -> tuple[str, str]:
     """(backend, precision) for this folder: explicit settings first, then the folder's "serving", then torch fp32."""
-    serving = {}
-    config = Path(model_dir) / CONFIG_FILE
-    if config.is_file():
-        serving = json.loads(config.read_text()).get("serving") or {}
+    model_dir, serving = folder.path, folder.serving
     chosen = find(serving.get("backend"), serving.get("precision"))
     graph = chosen.graph if chosen else None
-    if graph and not (Path(model_dir) / graph).is_file():
+    if graph and not (model_dir / graph).is_file():
         # Graphs are build artefacts (`moe-serve export`; the Docker image makes them), not committed: without
         # the chosen one, `auto` serves torch rather than failing.
         choice = f"{serving.get('backend')} {serving.get('precision')}"
@@ -53,22 +49,23 @@ def resolve(model_dir: str | Path, kind: str = AUTO, precision: str = AUTO) -> t
 
 
 def load_backend(
-    model_dir: str | Path,
+    model_dir: str | Path | ModelFolder,
     device: str = AUTO,
     kind: str = AUTO,
     threads: int | None = None,
     precision: str = AUTO,
 ) -> Backend:
-    kind, precision = resolve(model_dir, kind, precision)
+    folder = read_folder(model_dir)  # config.json read once for the whole load
+    kind, precision = resolve(folder, kind, precision)
     if kind == "torch":
         from service.backends.torch_backend import TorchBackend, set_threads
 
         set_threads(threads)
-        return TorchBackend(str(model_dir), device, precision)
+        return TorchBackend(folder, device, precision)
     if device != AUTO and device_kind(device) not in devices(kind):
         able = [b for b in BACKENDS if device_kind(device) in devices(b)]
         needs = " or ".join(f"--backend {b}" for b in able) or "another device"
         raise ValueError(f"the {kind} backend runs on {' or '.join(devices(kind))}; device {device!r} needs {needs}")
     from service.backends.onnx_backend import OnnxBackend
 
-    return OnnxBackend(model_dir, precision, threads)
+    return OnnxBackend(folder, precision, threads)

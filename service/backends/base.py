@@ -9,12 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from service.modeling.folder import FolderConfig
+from service.modeling.config import ModelConfig
+from service.modeling.folder import ModelFolder
 from service.modeling.tokenizer import TextTokenizer
 
 
 @dataclass
 class ModelInfo:
+    """The engine's, API's and IPC's view of a loaded model: derived from its folder record by `model_info` (flat,
+    so it crosses the model-process boundary as a plain dict), plus what the backend computes in."""
+
     name: str
     path: Path
     labels: list[str]
@@ -23,29 +27,49 @@ class ModelInfo:
     top_k: int
     num_layers: int
     moe_layers: int
-    architecture: dict[str, Any]
+    architecture: dict[str, Any]  # architecture_card(): what /v1/models shows
     training: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0  # the engine divides every logit by it (config.json "temperature"; 1.0 = none)
     precision: str = "fp32"  # what the backend computes in: fp32 | bf16 | int8
 
 
-def model_info(folder: FolderConfig, precision: str = "fp32") -> ModelInfo:
-    """What the engine and the API know of a model, from its checked config.json: the same for every backend."""
+def model_info(folder: ModelFolder, precision: str = "fp32") -> ModelInfo:
+    """What the engine and the API know of a model, from its folder record: the same for every backend."""
     cfg = folder.config
     return ModelInfo(
-        name=folder.path.name,
+        name=folder.name,
         path=folder.path,
-        labels=folder.labels,
+        labels=list(folder.labels),
         max_length=cfg.max_length,
         num_experts=cfg.num_experts,
         top_k=cfg.top_k,
         num_layers=cfg.n_layers,
         moe_layers=sum(cfg.moe_layers()),
-        architecture=cfg.to_dict(),
+        architecture=architecture_card(cfg),
         training=folder.training,
         temperature=folder.temperature,
         precision=precision,
     )
+
+
+def architecture_card(cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture as /v1/models shows it, read from the typed config."""
+    return {
+        "experts": cfg.num_experts,
+        "top_k": cfg.top_k,
+        "layers": cfg.n_layers,
+        "moe_layers": sum(cfg.moe_layers()),
+        "d_model": cfg.d_model,
+        "d_ff": cfg.d_ff,
+        "expert_d_ff": cfg.expert_d_ff or cfg.d_ff,
+        # weighted: a token's expert outputs are fused by its gates; sum: added (experts sliced from one FFN)
+        "combine": cfg.combine,
+        "norm": cfg.norm,
+        "n_heads": cfg.n_heads,
+        "attention": cfg.attention,
+        "moe_every": cfg.moe_every,
+        "vocab_size": cfg.vocab_size,
+    }
 
 
 @dataclass

@@ -12,7 +12,7 @@ import numpy as np
 
 from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
 from service.backends.variants import graphs
-from service.modeling.folder import ModelFolderError, read_folder
+from service.modeling.folder import ModelFolder, ModelFolderError, read_folder
 from service.modeling.layout import TOKENIZER_FILE
 from service.modeling.tokenizer import TextTokenizer, pad_ids
 
@@ -22,13 +22,15 @@ GRAPHS = graphs("onnx")  # precision -> graph file, from the variant table
 class OnnxBackend(Backend):
     kind = "onnx"
 
-    def __init__(self, model_dir: str | Path, precision: str = "fp32", threads: int | None = None) -> None:
+    def __init__(
+        self, model_dir: str | Path | ModelFolder, precision: str = "fp32", threads: int | None = None
+    ) -> None:
         import onnxruntime as ort
 
         if precision not in GRAPHS:
             raise ValueError(f"the onnx backend runs {', '.join(GRAPHS)}, not {precision!r}")
-        graph = GRAPHS[precision]
-        folder = read_folder(model_dir, graph)  # a missing graph says: run `moe-serve export` first
+        folder = read_folder(model_dir)
+        graph = folder.file(GRAPHS[precision])  # a missing graph says: run `moe-serve export` first
         self.device, self.precision = "cpu", precision
         self.tokenizer = TextTokenizer.from_file(folder.path / TOKENIZER_FILE)
         self.pad_id = self.tokenizer.pad_id
@@ -37,10 +39,10 @@ class OnnxBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(folder.path / graph), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
         outputs = [o.name for o in self.session.get_outputs()]
         if len(outputs) != 1 + 2 * self.info.moe_layers:
-            raise ModelFolderError(f"{folder.path / graph}: {len(outputs)} outputs, expected logits + 2 per MoE layer")
+            raise ModelFolderError(f"{graph}: {len(outputs)} outputs, expected logits + 2 per MoE layer")
 
     def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
         ids, mask = pad_ids(sequences, self.pad_id)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
 from service.modeling.artifacts import load_model
-from service.modeling.classifier import pad_batch
-from service.modeling.folder import read_folder
-from service.modeling.layout import WEIGHTS_FILE
+from service.modeling.classifier import MoEClassifier, pad_batch
+from service.modeling.folder import ModelFolder
 
 
 def resolve_device(device: str) -> str:
@@ -30,12 +31,11 @@ SINGLE_THREAD_TOKENS = 64
 class TorchBackend(Backend):
     kind = "torch"
 
-    def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32") -> None:
+    def __init__(self, model_dir: str | Path | ModelFolder, device: str = "auto", precision: str = "fp32") -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"the torch backend runs {', '.join(PRECISIONS)}, not {precision!r}")
         self.device = resolve_device(device)
         bundle = load_model(model_dir, self.device)
-        self.bundle = bundle
         # bf16 runs every weight and activation in bfloat16 (AVX512_BF16 / AMX on CPU, tensor cores on GPU); routing
         # softmax and pooling sums stay fp32 inside the model.
         self.model = bundle.model.to(PRECISIONS[precision])
@@ -45,7 +45,7 @@ class TorchBackend(Backend):
             self.model.use_row_buckets()
         self.tokenizer = bundle.tokenizer
         self.pad_id = bundle.tokenizer.pad_id
-        self.info = model_info(read_folder(model_dir, WEIGHTS_FILE), precision)
+        self.info = model_info(bundle.folder, precision)
         self.threads = torch.get_num_threads()
 
     def _use_threads(self, tokens: int) -> None:
@@ -54,17 +54,25 @@ class TorchBackend(Backend):
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
 
-    @torch.inference_mode()
     def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
         self._use_threads(sum(map(len, sequences)))
-        ids, mask = pad_batch(sequences, self.pad_id)
-        out = self.model(ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
-        e = self.info.num_experts
-        counts = torch.stack([torch.bincount(r.expert_ids.reshape(-1), minlength=e) for r in out.routing])
-        routing = None
-        if return_routing:
-            routing = [LayerRouting(r.expert_ids.cpu().numpy(), r.gates.float().cpu().numpy()) for r in out.routing]
-        return BatchOutput(out.logits.float().cpu().numpy(), counts.cpu().numpy().astype(np.int64), routing)
+        return run_model(self.model, sequences, self.pad_id, self.device, return_routing)
+
+
+@torch.inference_mode()
+def run_model(
+    model: MoEClassifier, sequences: list[list[int]], pad_id: int, device: str | torch.device, return_routing: bool
+) -> BatchOutput:
+    """One batch of token id lists through a torch model, answered as every backend answers (numpy, no tensors):
+    the torch backend and the offline predictions (training, evaluation) run a model through here."""
+    ids, mask = pad_batch(sequences, pad_id)
+    out = model(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+    e = model.config.num_experts
+    counts = torch.stack([torch.bincount(r.expert_ids.reshape(-1), minlength=e) for r in out.routing])
+    routing = None
+    if return_routing:
+        routing = [LayerRouting(r.expert_ids.cpu().numpy(), r.gates.float().cpu().numpy()) for r in out.routing]
+    return BatchOutput(out.logits.float().cpu().numpy(), counts.cpu().numpy().astype(np.int64), routing)
 
 
 def set_threads(threads: int | None) -> None:

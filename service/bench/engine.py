@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from service.bench.backends import length_sorted_batches
-from service.modeling.artifacts import ModelBundle
+from service.modeling.artifacts import LoadedModel
 from service.modeling.classifier import ModelConfig, MoEClassifier, PackedBatch, pad_batch
 from service.modeling.moe import MoEFeedForward
 
@@ -179,14 +179,15 @@ def moe_layer_split(layer: MoEFeedForward, tokens: int, repeats: int) -> dict[st
     }
 
 
-def texts_for_bench(bundle: ModelBundle, n_short: int, n_long: int, n_mix: int) -> dict[str, list[list[int]]]:
+def texts_for_bench(loaded: LoadedModel, n_short: int, n_long: int, n_mix: int) -> dict[str, list[list[int]]]:
     """Token ids cut from the bbc-news test split: short ~32 tokens, long ~256 tokens, mix = articles as served."""
     from service.training.data import load_dataset
+    from service.training.predict import encode_texts
 
     test = load_dataset("bbc-news")["test"]
-    enc = bundle.tokenizer.encode_batch([e.text for e in test], bundle.config.max_length)
-    full = [e.ids for e in enc]
-    long_len = min(256, bundle.config.max_length)
+    max_length = loaded.folder.config.max_length
+    full = encode_texts(loaded.tokenizer, [e.text for e in test], max_length)
+    long_len = min(256, max_length)
     longs = [s[:long_len] for s in full if len(s) >= long_len]
     return {
         "short": [full[i % len(full)][:32] for i in range(n_short)],

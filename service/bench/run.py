@@ -71,7 +71,7 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
     t0 = time.perf_counter()
     results: dict[str, Any] = {
         "mode": mode,
-        "model": bundle.name,
+        "model": bundle.folder.name,
         "machine": machine(),
         "load_generator": "wrk (one thread) on the same cores as the servers; its share of the cores is in each row",
     }

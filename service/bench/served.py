@@ -232,9 +232,9 @@ def naive_app(model_dir: str, threads: int) -> Any:
             with lock, torch.inference_mode():
                 out = []
                 for t in texts:
-                    ids = bundle.tokenizer.encode_batch([t], bundle.config.max_length)[0].ids
+                    ids = bundle.tokenizer.encode_batch([t], bundle.folder.config.max_length)[0].ids
                     p = bundle.model(*pad_batch([ids])).logits.softmax(-1)[0].numpy()
-                    out.append({"label": bundle.labels[int(np.argmax(p))], "score": float(p.max())})
+                    out.append({"label": bundle.folder.labels[int(np.argmax(p))], "score": float(p.max())})
                 return out
 
         preds = await asyncio.to_thread(run)

@@ -5,16 +5,16 @@ Weights are read with safetensors only; nothing in a model folder is ever unpick
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.modeling.classifier import ModelConfig, MoEClassifier
+from service.modeling.classifier import MoEClassifier
 from service.modeling.folder import (  # noqa: F401 (re-exported: callers load and write folders through here)
+    ModelFolder,
     ModelFolderError,
     read_folder,
     valid_temperature,
@@ -28,24 +28,13 @@ from service.modeling.tokenizer import TextTokenizer
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class ModelBundle:
-    name: str
-    path: Path
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model folder loaded for torch: its record (the one description of the folder), the weights and tokenizer."""
+
+    folder: ModelFolder
     model: MoEClassifier
     tokenizer: TextTokenizer
-    config: ModelConfig
-    id2label: dict[int, str]
-    training: dict[str, Any] = field(default_factory=dict)  # dataset, split, recipe name: lets evaluate find data
-    temperature: float = 1.0  # probabilities are softmax(logits / temperature); the model's logits never change
-
-    @property
-    def labels(self) -> list[str]:
-        return [self.id2label[i] for i in range(len(self.id2label))]
-
-    def read_json(self, filename: str) -> dict[str, Any] | None:
-        p = self.path / filename
-        return json.loads(p.read_text()) if p.exists() else None
 
 
 def save_model(
@@ -88,16 +77,18 @@ def save_model(
     return out
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
-    folder = read_folder(model_dir, WEIGHTS_FILE)
-    path, cfg = folder.path, folder.config
-    tokenizer = TextTokenizer.from_file(path / TOKENIZER_FILE)
+def load_model(model_dir: str | Path | ModelFolder, device: str | torch.device = "cpu") -> LoadedModel:
+    folder = read_folder(model_dir)
+    cfg, weights = folder.config, folder.file(WEIGHTS_FILE)
+    tokenizer = TextTokenizer.from_file(folder.path / TOKENIZER_FILE)
     model = MoEClassifier(cfg)
-    state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    state = load_file(str(weights), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ModelFolderError(f"{path}/{WEIGHTS_FILE}: missing tensors {missing}, unexpected tensors {unexpected}")
+        raise ModelFolderError(f"{weights}: missing tensors {missing}, unexpected tensors {unexpected}")
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ModelFolderError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model only {cfg.vocab_size}")
+        raise ModelFolderError(
+            f"{folder.path}: tokenizer has {tokenizer.vocab_size} tokens, model only {cfg.vocab_size}"
+        )
     model.to(device).eval()
-    return ModelBundle(path.name, path, model, tokenizer, cfg, folder.id2label, folder.training, folder.temperature)
+    return LoadedModel(folder, model, tokenizer)

@@ -1,5 +1,5 @@
-"""Reading and checking a model folder's config.json, without torch: every backend (torch, ONNX Runtime) and the
-API use it, so a folder is judged the same way whichever runs it."""
+"""A model folder's record, read once from its config.json and checked, without torch: every backend (torch, ONNX
+Runtime), the engine (through ModelInfo), evaluation and the CLI judge and describe a folder by this one record."""
 
 from __future__ import annotations
 
@@ -17,24 +17,35 @@ class ModelFolderError(ValueError):
     """A model folder is missing a file or holds an inconsistent one."""
 
 
-@dataclass
-class FolderConfig:
+@dataclass(frozen=True)
+class ModelFolder:
+    """What config.json says about a model folder, checked. Frozen: one load reads it once and passes it on."""
+
     path: Path
     config: ModelConfig
-    id2label: dict[int, str]
+    labels: tuple[str, ...]  # label of class id 0, 1, ...
     training: dict[str, Any] = field(default_factory=dict)  # dataset, split, recipe name: lets evaluate find data
     temperature: float = 1.0  # probabilities are softmax(logits / temperature); the model's logits never change
-    raw: dict[str, Any] = field(default_factory=dict)  # the whole config.json
+    serving: dict[str, Any] = field(default_factory=dict)  # the measured {"backend", "precision"} (`export --choose`)
 
     @property
-    def labels(self) -> list[str]:
-        return [self.id2label[i] for i in range(len(self.id2label))]
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, filename: str) -> Path:
+        """The path of a file the caller is about to read (weights, graph): a missing one is a folder error."""
+        path = self.path / filename
+        if not path.is_file():
+            raise ModelFolderError(f"{self.path}: missing {filename}")
+        return path
 
 
-def read_folder(model_dir: str | Path, weights_file: str) -> FolderConfig:
-    """config.json checked, plus the presence of the tokenizer and of `weights_file` (what the backend will read)."""
+def read_folder(model_dir: str | Path | ModelFolder) -> ModelFolder:
+    """The checked record of a folder (config.json and the tokenizer present); a record is passed through as is."""
+    if isinstance(model_dir, ModelFolder):
+        return model_dir
     path = Path(model_dir)
-    for name in (CONFIG_FILE, weights_file, TOKENIZER_FILE):
+    for name in (CONFIG_FILE, TOKENIZER_FILE):
         if not (path / name).is_file():
             raise ModelFolderError(f"{path}: missing {name}")
     raw = json.loads((path / CONFIG_FILE).read_text())
@@ -49,7 +60,8 @@ def read_folder(model_dir: str | Path, weights_file: str) -> FolderConfig:
     id2label = {int(k): v for k, v in raw["id2label"].items()}
     if sorted(id2label) != list(range(cfg.num_labels)):
         raise ModelFolderError(f"{path}: id2label must cover 0..{cfg.num_labels - 1}")
-    return FolderConfig(path, cfg, id2label, raw.get("training", {}), float(temperature), raw)
+    labels = tuple(id2label[i] for i in range(cfg.num_labels))
+    return ModelFolder(path, cfg, labels, raw.get("training", {}), float(temperature), raw.get("serving") or {})
 
 
 def valid_temperature(value: object) -> bool:

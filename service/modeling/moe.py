@@ -163,25 +163,19 @@ class MoEFeedForward(nn.Module):
         h = self._act(torch.addmm(self.b1[e], rows, self.w1[e]))
         return torch.addmm(self.b2[e], h, self.w2[e])
 
-    def grouped_forward(self, x: torch.Tensor, r: RouterOutput, counts: list[int] | None = None) -> torch.Tensor:
-        """One GEMM pair per active expert over all tokens routed to it: permute, experts, combine.
-
-        ``counts`` (tokens per expert) may be passed when the caller already has them on the host, which saves
-        a device sync on GPU."""
+    def grouped_forward(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        """One GEMM pair per active expert over all tokens routed to it: permute, experts, combine."""
         if r.expert_ids.shape[0] == 0:
             return x.new_zeros(x.shape)
-        rows, order, counts = self.permute(x, r, counts)
+        rows, order, counts = self.permute(x, r)
         return self.fuse(self.run_experts(rows, counts), order, r)
 
-    def permute(
-        self, x: torch.Tensor, r: RouterOutput, counts: list[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def permute(self, x: torch.Tensor, r: RouterOutput) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """The routed rows grouped by expert (one gathered copy), their assignment order, tokens per expert."""
         k = r.expert_ids.shape[1]
         flat_e = r.expert_ids.reshape(-1)  # [T*k], assignment a = token a // k, slot a % k
         order = torch.argsort(flat_e, stable=True)  # assignments grouped by expert, token order kept
-        if counts is None:
-            counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
         return x.index_select(0, order // k), order, counts
 
     def run_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:

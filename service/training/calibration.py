@@ -16,14 +16,6 @@ ECE_BINS = 15
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of logits / temperature, in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _check(scores: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     scores, y = np.asarray(scores), np.asarray(y)
     if scores.ndim != 2 or scores.shape[0] == 0:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from service.modeling.config import ModelConfig
+
+if TYPE_CHECKING:
+    from service.training.train import Recipe
 
 
-def _encoder_lines(m: Any, meta: dict[str, Any]) -> str:
+def _encoder_lines(m: ModelConfig, meta: dict[str, Any]) -> str:
     experts = (
         f"MoE feed-forward every {m.moe_every} block(s): {m.num_experts} experts of width {m.expert_d_ff or m.d_ff}, "
         f"top-{m.top_k} token-choice routing ({m.activation}, outputs {m.combine})"
@@ -26,8 +31,8 @@ def _encoder_lines(m: Any, meta: dict[str, Any]) -> str:
     )
 
 
-def _validated_on(recipe: Any) -> str:
-    return " (articles and their first lines)" if getattr(recipe.training, "validate_headlines", False) else ""
+def _validated_on(recipe: Recipe) -> str:
+    return " (articles and their first lines)" if recipe.training.validate_headlines else ""
 
 
 def _storage(meta: dict[str, Any]) -> str:
@@ -61,20 +66,32 @@ def _short_and_calibration(report: dict[str, Any]) -> str:
     return "\n\n".join(lines) + "\n" if lines else ""
 
 
-def write_model_card(
-    out: Path, recipe: Any, m: Any, report: dict[str, Any], meta: dict[str, Any], history: list[dict[str, Any]]
-) -> None:
-    sizes = meta["split_sizes"]
-    rows = "\n".join(
+def _class_rows(report: dict[str, Any]) -> str:
+    return "\n".join(
         f"| {lab} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v.get('roc_auc', float('nan')):.4f} "
         f"| {v['support']} |"
         for lab, v in report["per_class"].items()
     )
-    util = "\n".join(
+
+
+def _utilisation_rows(report: dict[str, Any]) -> str:
+    return "\n".join(
         f"| {lay['layer']} | {' '.join(f'{s:.3f}' for s in lay['share'])} | {lay['imbalance_max_over_mean']} "
         f"| {lay['normalized_entropy']} |"
         for lay in report["expert_utilisation"]
     )
+
+
+def write_model_card(
+    out: Path,
+    recipe: Recipe,
+    m: ModelConfig,
+    report: dict[str, Any],
+    meta: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> None:
+    sizes = meta["split_sizes"]
+    rows, util = _class_rows(report), _utilisation_rows(report)
     card = f"""# {out.name}
 
 Mixture-of-Experts text classifier trained by moe-serve (`moe-serve train`, recipe `{meta["recipe"]}`).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path) -> None:
+def confusion_matrix(cm: np.ndarray, labels: Sequence[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.5))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
@@ -36,7 +37,7 @@ def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def roc_curves(probs: np.ndarray, y: np.ndarray, labels: list[str], path: Path) -> None:
+def roc_curves(probs: np.ndarray, y: np.ndarray, labels: Sequence[str], path: Path) -> None:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -53,7 +54,7 @@ def roc_curves(probs: np.ndarray, y: np.ndarray, labels: list[str], path: Path) 
     _save(fig, path)
 
 
-def expert_by_class(layers: list[dict[str, Any]], labels: list[str], path: Path) -> None:
+def expert_by_class(layers: list[dict[str, Any]], labels: Sequence[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers) + 1, 0.6 * len(labels) + 2), squeeze=False)
     for ax, layer in zip(axes[0], layers, strict=True):
         m = np.array([layer["share"][lab] for lab in labels])

@@ -18,21 +18,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from service.modeling.artifacts import STORAGE_DTYPES, ModelBundle, load_model, save_model
+from service.modeling.artifacts import STORAGE_DTYPES, LoadedModel, load_model, save_model
 from service.modeling.classifier import ClassifierOutput, ModelConfig, MoEClassifier, pad_batch
 from service.modeling.tokenizer import TextTokenizer
+from service.training.calibration import fit_temperature
 from service.training.data import DEFAULT_SEED, Dataset, Example, cap_examples, load_dataset
-from service.training.evaluate import (
-    calibrate,
-    encode_examples,
-    evaluate_examples,
-    expert_stats,
-    headline,
-    predict_ids,
-    routing_profile,
-    write_report,
-    write_routing_profile,
-)
+from service.training.evaluate import evaluate_examples, headline, write_report, write_routing_profile
+from service.training.metrics import expert_stats, routing_profile
+from service.training.predict import encode_texts, model_forward, predict
 
 log = logging.getLogger(__name__)
 
@@ -287,102 +280,204 @@ class _EpochStats:
         }
 
 
-def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Train per `recipe`, write the model folder, return a summary (best epoch, validation and test metrics)."""
-    from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    tr, dr = recipe.training, recipe.data
-    if tr.threads:
-        torch.set_num_threads(tr.threads)
-    seed_everything(tr.seed)
-    ds: Dataset = load_dataset(dr.source, dr.text_column, dr.label_column, dr.split_seed, dr.split_fractions)
+def load_splits(dr: DataRecipe) -> tuple[Dataset, dict[str, list[Example]]]:
+    """The dataset and its three splits, each capped as the recipe says; an empty split is an error."""
+    ds = load_dataset(dr.source, dr.text_column, dr.label_column, dr.split_seed, dr.split_fractions)
     splits = {s: cap_examples(ds[s], dr.max_examples_per_split, dr.split_seed) for s in ("train", "validation", "test")}
-    labels = ds.labels
-    label2id = {lab: i for i, lab in enumerate(labels)}
     for s, part in splits.items():
         if not part:
             raise ValueError(f"split {s!r} of {dr.source} is empty")
+    return ds, splits
 
-    model, tokenizer, new_params, origin = build_model(recipe, [e.text for e in splits["train"]], labels)
-    cfg = model.config
-    train_length = min(tr.train_max_length or cfg.max_length, cfg.max_length)
-    room = max(train_length - len(tokenizer.prefix) - len(tokenizer.suffix), 1)
-    # Up to 4x the window is kept so random windows can read past the start of long texts.
-    texts = _train_texts(tokenizer, splits["train"], label2id, 4 * room)
-    val_examples = _validation_examples(splits["validation"], tr.validate_headlines)
-    val_ids = encode_examples(tokenizer, val_examples, cfg.max_length)
-    y_val = np.array([label2id[e.label] for e in val_examples])
 
-    opt = _optimizer(model, tr, new_params)
-    steps_per_epoch = math.ceil(len(texts) / tr.batch_size)
-    total = steps_per_epoch * tr.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(tr.warmup_ratio * total))))
-    rng = random.Random(tr.seed)
-    ema = None
-    if tr.ema_decay is not None:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tr.ema_decay)
+def rounded(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors rounded to `dtype` and back: the values a file of that dtype holds."""
+    return {k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+class Selected:
+    """The weights that are validated and kept: an exponential moving average of the trained ones (or those
+    themselves), rounded to the storage dtype in a copy, so that training goes on from the unrounded values."""
+
+    def __init__(self, model: MoEClassifier, tr: TrainingRecipe) -> None:
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if tr.ema_decay is not None:
+            avg = torch.optim.swa_utils.get_ema_multi_avg_fn(tr.ema_decay)
+            self.ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=avg)
+        self.source: MoEClassifier = self.ema.module if self.ema is not None else model  # type: ignore[assignment]
+        self.dtype = STORAGE_DTYPES[tr.weights_dtype]
+        self.net = self.source if tr.weights_dtype == "float32" else copy.deepcopy(self.source)
+
+    def update(self, model: MoEClassifier) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(model)
+
+    def as_stored(self) -> MoEClassifier:
+        """The selected weights as a file of the storage dtype holds them."""
+        if self.net is not self.source:
+            self.net.load_state_dict(rounded(self.source.state_dict(), self.dtype))
+        return self.net
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """Copies of the weights as stored and, where rounding changed them, as trained."""
+        unrounded = copy.deepcopy(self.source.state_dict()) if self.net is not self.source else None
+        return copy.deepcopy(self.net.state_dict()), unrounded
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """The best epoch by validation macro-F1 and its weights; stops after `patience` epochs without a gain."""
+
+    patience: int
+    f1: float = -1.0
+    epoch: int = 0
+    stale: int = 0
+    state: dict[str, torch.Tensor] | None = None
+    unrounded: dict[str, torch.Tensor] | None = None
+
+    def keep_going(self, epoch: int, f1: float, selected: Selected) -> bool:
+        if f1 > self.f1:
+            self.f1, self.epoch, self.stale = f1, epoch, 0
+            self.state, self.unrounded = selected.snapshot()
+            return True
+        self.stale += 1
+        if self.stale >= self.patience:
+            log.info("early stopping: no validation macro-F1 gain for %d epochs", self.patience)
+            return False
+        return True
+
+
+class Trainer:
+    """One training run: the model being trained, its tokenizer and inputs, the optimiser, the selected weights."""
+
+    def __init__(self, recipe: Recipe, splits: dict[str, list[Example]], labels: list[str]) -> None:
+        tr = self.tr = recipe.training
+        label2id = {lab: i for i, lab in enumerate(labels)}
+        self.num_labels = len(labels)
+        self.model, self.tokenizer, new_params, self.origin = build_model(
+            recipe, [e.text for e in splits["train"]], labels
         )
-    eval_net: MoEClassifier = ema.module if ema is not None else model  # type: ignore[assignment]
-    rounding = STORAGE_DTYPES[tr.weights_dtype]
-    val_net = eval_net if tr.weights_dtype == "float32" else copy.deepcopy(eval_net)  # the weights as stored
+        cfg = self.model.config
+        self.train_length = min(tr.train_max_length or cfg.max_length, cfg.max_length)
+        self.room = max(self.train_length - len(self.tokenizer.prefix) - len(self.tokenizer.suffix), 1)
+        # Up to 4x the window is kept so random windows can read past the start of long texts.
+        self.texts = _train_texts(self.tokenizer, splits["train"], label2id, 4 * self.room)
+        val_examples = _validation_examples(splits["validation"], tr.validate_headlines)
+        self.val_ids = encode_texts(self.tokenizer, [e.text for e in val_examples], cfg.max_length)
+        self.y_val = np.array([label2id[e.label] for e in val_examples])
+        self.opt = _optimizer(self.model, tr, new_params)
+        total = math.ceil(len(self.texts) / tr.batch_size) * tr.epochs
+        warmup = max(1, int(tr.warmup_ratio * total))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(total, warmup))
+        self.rng = random.Random(tr.seed)
+        self.selected = Selected(self.model, tr)
 
-    history: list[dict[str, Any]] = []
-    best_f1, best_state, best_epoch, stale = -1.0, None, 0, 0
-    best_unrounded: dict[str, torch.Tensor] | None = None
-    for epoch in range(1, tr.epochs + 1):
-        model.train()
-        stats = _EpochStats(len(model.moe_layers), cfg.num_experts)
-        batches = _batches([min(len(t.inner), room) for t in texts], tr.batch_size, rng)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{tr.epochs}", disable=not progress, leave=False)
-        for b in bar:
-            seqs = [tokenizer.frame(_augment(texts[i], room, tr, rng), train_length) for i in b]
-            ids, mask = pad_batch(seqs, tokenizer.pad_id)
-            y = torch.tensor([texts[i].label for i in b])
-            out = model(ids, mask)
-            ce = F.cross_entropy(out.logits, y, label_smoothing=tr.label_smoothing)
-            loss = ce + tr.aux_loss_coef * out.aux_loss + tr.z_loss_coef * out.z_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
+    def train_epoch(self, epoch: int, progress: bool) -> dict[str, Any]:
+        """One pass over the shuffled training texts; the epoch's training figures."""
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        stats = _EpochStats(len(self.model.moe_layers), self.model.config.num_experts)
+        batches = _batches([min(len(t.inner), self.room) for t in self.texts], self.tr.batch_size, self.rng)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{self.tr.epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            out, y, loss, ce = self._step(batch)
             stats.add(out, y, loss, ce)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if val_net is not eval_net:
-            val_net.load_state_dict(rounded(eval_net.state_dict(), rounding))
-        val_pred = predict_ids(val_net, val_ids, pad_id=tokenizer.pad_id).probs.argmax(1)
-        val_f1 = _macro_f1(y_val, val_pred, len(labels))
+        return stats.row()
+
+    def _step(self, batch: list[int]) -> tuple[ClassifierOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
+        tr, tok = self.tr, self.tokenizer
+        seqs = [tok.frame(_augment(self.texts[i], self.room, tr, self.rng), self.train_length) for i in batch]
+        ids, mask = pad_batch(seqs, tok.pad_id)
+        y = torch.tensor([self.texts[i].label for i in batch])
+        out = self.model(ids, mask)
+        ce = F.cross_entropy(out.logits, y, label_smoothing=tr.label_smoothing)
+        loss = ce + tr.aux_loss_coef * out.aux_loss + tr.z_loss_coef * out.z_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.selected.update(self.model)
+        return out, y, loss, ce
+
+    def validate(self) -> tuple[float, float]:
+        """Accuracy and macro-F1 of the selected weights, as stored, on the validation texts."""
+        net = self.selected.as_stored()
+        pred = predict(model_forward(net, self.tokenizer.pad_id), self.val_ids).probs.argmax(1)
+        return float(np.mean(pred == self.y_val)), _macro_f1(self.y_val, pred, self.num_labels)
+
+    def keep_best(self, best: EarlyStopping, texts: list[str]) -> dict[str, Any]:
+        """The model set to the best epoch's weights as stored; returns the storage record (what rounding to the
+        storage dtype moved on `texts`, against the unrounded weights)."""
+        assert best.state is not None
+        storage: dict[str, Any] = {"weights_dtype": self.tr.weights_dtype}
+        if best.unrounded is not None:
+            self.model.load_state_dict(best.unrounded)
+            storage["rounding_vs_unrounded"] = compare_weights(self.model, best.state, self.tokenizer, texts)
+        self.model.load_state_dict(best.state)
+        self.model.eval()
+        return storage
+
+
+def fit(run: Trainer, progress: bool, t0: float) -> tuple[list[dict[str, Any]], EarlyStopping]:
+    """Epochs of training and validation until the last or early stopping; the history and the best epoch."""
+    history: list[dict[str, Any]] = []
+    best = EarlyStopping(run.tr.patience)
+    for epoch in range(1, run.tr.epochs + 1):
+        stats = run.train_epoch(epoch, progress)
+        accuracy, f1 = run.validate()
         row = {
             "epoch": epoch,
-            **stats.row(),
-            "val_accuracy": round(float(np.mean(val_pred == y_val)), 4),
-            "val_macro_f1": round(val_f1, 4),
+            **stats,
+            "val_accuracy": round(accuracy, 4),
+            "val_macro_f1": round(f1, 4),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         history.append(row)
         _log_epoch(row)
-        if val_f1 > best_f1:
-            best_f1, best_epoch, stale = val_f1, epoch, 0
-            best_state = copy.deepcopy(val_net.state_dict())
-            best_unrounded = copy.deepcopy(eval_net.state_dict()) if val_net is not eval_net else None
-        else:
-            stale += 1
-            if stale >= tr.patience:
-                log.info("early stopping: no validation macro-F1 gain for %d epochs", tr.patience)
-                break
-    assert best_state is not None
-    storage = {"weights_dtype": tr.weights_dtype}
-    if best_unrounded is not None:  # what rounding to the storage dtype moved, for the record
-        model.load_state_dict(best_unrounded)
-        texts = [e.text for e in splits["validation"] + splits["test"]]
-        storage["rounding_vs_unrounded"] = compare_weights(model, best_state, tokenizer, texts)
-    model.load_state_dict(best_state)
-    model.eval()
-    training_meta = {
+        if not best.keep_going(epoch, f1, run.selected):
+            break
+    return history, best
+
+
+def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train per `recipe`, write the model folder, return a summary (best epoch, validation and test metrics)."""
+    t0 = time.perf_counter()
+    tr = recipe.training
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    seed_everything(tr.seed)
+    ds, splits = load_splits(recipe.data)
+    run = Trainer(recipe, splits, ds.labels)
+    history, best = fit(run, progress, t0)
+    storage = run.keep_best(best, [e.text for e in splits["validation"] + splits["test"]])
+    meta = training_meta(recipe, run.origin, storage, best.epoch, history, splits, t0)
+    report = write_folder(Path(output_dir), recipe, run.model, run.tokenizer, ds.labels, meta, history, splits, ds.name)
+    return {
+        "output": str(output_dir),
+        "best_epoch": best.epoch,
+        "val_macro_f1": round(best.f1, 4),
+        "test_macro_f1": report["macro_f1"],
+        "test_accuracy": report["accuracy"],
+        "train_seconds": meta["train_seconds"],
+    }
+
+
+def training_meta(
+    recipe: Recipe,
+    origin: dict[str, Any],
+    storage: dict[str, Any],
+    best_epoch: int,
+    history: list[dict[str, Any]],
+    splits: dict[str, list[Example]],
+    t0: float,
+) -> dict[str, Any]:
+    """config.json "training": where the data came from (so evaluate finds it again) and how the run went."""
+    dr = recipe.data
+    return {
         "dataset": dr.source,
         "text_column": dr.text_column,
         "label_column": dr.label_column,
@@ -397,20 +492,6 @@ def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict
         "train_seconds": round(time.perf_counter() - t0, 1),
         "split_sizes": {s: len(p) for s, p in splits.items()},
     }
-    report = _write_folder(Path(output_dir), recipe, model, tokenizer, labels, training_meta, history, splits, ds.name)
-    return {
-        "output": str(output_dir),
-        "best_epoch": best_epoch,
-        "val_macro_f1": round(best_f1, 4),
-        "test_macro_f1": report["macro_f1"],
-        "test_accuracy": report["accuracy"],
-        "train_seconds": training_meta["train_seconds"],
-    }
-
-
-def rounded(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating tensors rounded to `dtype` and back: the values a file of that dtype holds."""
-    return {k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def compare_weights(
@@ -419,9 +500,9 @@ def compare_weights(
     """How far `model` and the same architecture with weights `other` answer apart on `texts` (probabilities)."""
     twin = copy.deepcopy(model)
     twin.load_state_dict(other)
-    ids = encode_examples(tokenizer, [Example(t, "", str(i)) for i, t in enumerate(texts)], model.config.max_length)
-    a = predict_ids(model, ids, pad_id=tokenizer.pad_id).probs
-    b = predict_ids(twin, ids, pad_id=tokenizer.pad_id).probs
+    ids = encode_texts(tokenizer, texts, model.config.max_length)
+    a = predict(model_forward(model, tokenizer.pad_id), ids).probs
+    b = predict(model_forward(twin, tokenizer.pad_id), ids).probs
     return {
         "texts": len(texts),
         "max_abs_prob_diff": round(float(np.abs(a - b).max()), 6),
@@ -452,7 +533,7 @@ def _log_epoch(row: dict[str, Any]) -> None:
     )
 
 
-def _write_folder(
+def write_folder(
     out: Path,
     recipe: Recipe,
     model: MoEClassifier,
@@ -465,26 +546,38 @@ def _write_folder(
 ) -> dict[str, Any]:
     """Model folder: weights, config (with the temperature fitted on validation), recipe, training log, routing
     profile, test report with plots, model card. Returns the test report."""
-    cfg = model.config
-    bundle = ModelBundle(out.name, out, model, tokenizer, cfg, dict(enumerate(labels)), meta)
-    temperature = calibrate(bundle, splits["validation"])
-    save_model(out, model, tokenizer, labels, meta, temperature, recipe.training.weights_dtype)
-    stored = load_model(out).model
-    # The weights were rounded to the storage grid before selection, so the file must reproduce them exactly.
-    for (name, a), b in zip(model.state_dict().items(), stored.state_dict().values(), strict=True):
-        if not torch.equal(a, b):
-            raise RuntimeError(f"stored weights differ from the trained ones at {name}")
+    val_ids = encode_texts(tokenizer, [e.text for e in splits["validation"]], model.config.max_length)
+    val_preds = predict(model_forward(model, tokenizer.pad_id), val_ids)  # once: for the temperature and the profile
+    label2id = {lab: i for i, lab in enumerate(labels)}
+    temperature = fit_temperature(val_preds.logits, np.array([label2id[e.label] for e in splits["validation"]]))
+    loaded = save_checked(out, model, tokenizer, labels, meta, temperature, recipe.training.weights_dtype)
     # A base recipe has no model section (the base decides the architecture); recipe.json must load back as a recipe.
     dumped = recipe.model_dump(mode="json", exclude={"model"} if recipe.base else None)
     (out / "recipe.json").write_text(json.dumps(dumped, indent=2) + "\n")
     (out / "training_log.json").write_text(json.dumps(history, indent=2) + "\n")
-    val_ids = encode_examples(tokenizer, splits["validation"], cfg.max_length)
-    val_preds = predict_ids(model, val_ids, pad_id=tokenizer.pad_id)
     write_routing_profile(routing_profile(val_preds, "validation", dataset), out)
-    bundle.temperature = temperature
-    report, test_preds, y_test = evaluate_examples(bundle, splits["test"], "test", dataset)
+    report, test_preds, y_test = evaluate_examples(loaded, splits["test"], "test", dataset)
     write_report(report, test_preds, y_test, labels, out)
     from service.training.model_card import write_model_card
 
-    write_model_card(out, recipe, cfg, report, meta, history)
+    write_model_card(out, recipe, model.config, report, meta, history)
     return report
+
+
+def save_checked(
+    out: Path,
+    model: MoEClassifier,
+    tokenizer: TextTokenizer,
+    labels: list[str],
+    meta: dict[str, Any],
+    temperature: float,
+    weights_dtype: str,
+) -> LoadedModel:
+    """Save the folder and load it back: the report is then of the folder as written."""
+    save_model(out, model, tokenizer, labels, meta, temperature, weights_dtype)
+    stored = load_model(out)
+    # The weights were rounded to the storage grid before selection, so the file must reproduce them exactly.
+    for (name, a), b in zip(model.state_dict().items(), stored.model.state_dict().values(), strict=True):
+        if not torch.equal(a, b):
+            raise RuntimeError(f"stored weights differ from the trained ones at {name}")
+    return stored

@@ -19,7 +19,7 @@ import pytest
 
 from service.modeling.artifacts import load_model
 from service.training.data import load_dataset
-from service.training.evaluate import predict_ids
+from service.training.predict import loaded_forward, predict
 from tests.e2e.conftest import run_server, spawn_serve
 
 pytestmark = pytest.mark.e2e
@@ -41,8 +41,8 @@ def _reference_probs(model_dir: Path, texts: list[str]) -> np.ndarray:
     bundle = load_model(model_dir)
     rows = []
     for t in texts:
-        ids = bundle.tokenizer.encode_batch([t], bundle.config.max_length)[0].ids
-        rows.append(predict_ids(bundle.model, [ids], temperature=bundle.temperature).probs[0])
+        ids = bundle.tokenizer.encode_batch([t], bundle.folder.config.max_length)[0].ids
+        rows.append(predict(loaded_forward(bundle), [ids], temperature=bundle.folder.temperature).probs[0])
     return np.stack(rows)
 
 

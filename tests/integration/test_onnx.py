@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from service.backends import load_backend, resolve
+from service.modeling.folder import read_folder
 from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE
 
 TOL = 1e-4
@@ -70,21 +71,21 @@ def test_int8_and_bf16_agree_with_fp32(exported: Path) -> None:
 def test_backend_choice_follows_settings_then_folder(exported: Path, tmp_path: Path) -> None:
     import json
 
-    assert resolve(exported) == ("torch", "fp32")  # no "serving" in config.json yet
+    assert resolve(read_folder(exported)) == ("torch", "fp32")  # no "serving" in config.json yet
     config = json.loads((exported / "config.json").read_text())
     config["serving"] = {"backend": "onnx", "precision": "int8"}
     folder = tmp_path / "chosen"
     shutil.copytree(exported, folder)
     (folder / "config.json").write_text(json.dumps(config))
-    assert resolve(folder) == ("onnx", "int8")
-    assert resolve(folder, "torch") == ("torch", "fp32")
-    assert resolve(folder, "onnx", "fp32") == ("onnx", "fp32")
+    assert resolve(read_folder(folder)) == ("onnx", "int8")
+    assert resolve(read_folder(folder), "torch") == ("torch", "fp32")
+    assert resolve(read_folder(folder), "onnx", "fp32") == ("onnx", "fp32")
     with pytest.raises(ValueError, match="runs fp32 or bf16"):
-        resolve(folder, "torch", "int8")
+        resolve(read_folder(folder), "torch", "int8")
     assert load_backend(folder, "cpu").kind == "onnx"
     # Graphs are build artefacts: a fresh clone has the choice but not the graph, and `auto` then serves torch.
     (folder / ONNX_INT8_FILE).unlink()
-    assert resolve(folder) == ("torch", "fp32")
+    assert resolve(read_folder(folder)) == ("torch", "fp32")
 
 
 def test_missing_graph_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -22,10 +22,11 @@ from service.engine.loop import InferenceThread
 from service.metrics import Metrics
 from service.modeling.artifacts import ModelFolderError, load_model, save_model, write_temperature
 from service.modeling.classifier import ModelConfig, MoEClassifier
+from service.modeling.probabilities import softmax
 from service.modeling.tokenizer import TextTokenizer
-from service.training.calibration import softmax
 from service.training.data import Example
-from service.training.evaluate import calibrate, evaluate_examples, headline, predict_texts, write_report
+from service.training.evaluate import calibrate, evaluate_examples, headline, write_report
+from service.training.predict import predict_texts
 
 LABELS = ["business", "politics", "sports"]
 WORDS = ["shares", "profits", "bank", "minister", "vote", "election", "match", "striker", "goal", "season"]
@@ -52,11 +53,11 @@ def _examples(n: int = 30, multi_line: bool = True) -> list[Example]:
 def test_temperature_round_trips_and_old_folders_load_with_one(tmp_path: Path) -> None:
     d = _folder(tmp_path / "m", temperature=0.5)
     assert json.loads((d / "config.json").read_text())["temperature"] == 0.5
-    assert load_model(d).temperature == 0.5
+    assert load_model(d).folder.temperature == 0.5
     cfg = json.loads((d / "config.json").read_text())
     del cfg["temperature"]  # a folder saved before calibration existed
     (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    assert load_model(d).temperature == 1.0
+    assert load_model(d).folder.temperature == 1.0
 
 
 def test_write_temperature_changes_only_that_key(tmp_path: Path) -> None:
@@ -119,7 +120,7 @@ def test_report_has_calibration_and_headline_sections(tmp_path: Path) -> None:
     assert 0 <= head["macro_f1"] <= 1 and np.sum(head["confusion_matrix"]) == 30
     assert head["calibration"]["temperature"] == 0.8 and 0 <= head["calibration"]["ece"] <= 1
     assert 2 <= head["mean_tokens"] < preds.num_tokens.mean()  # 3 title words, vs 23 words in the whole text
-    write_report(report, preds, y, bundle.labels, tmp_path / "rep")
+    write_report(report, preds, y, bundle.folder.labels, tmp_path / "rep")
     assert (tmp_path / "rep" / "reliability_diagram.png").stat().st_size > 1000
     # Single-line texts: a headline would be the text itself, so there is no such section.
     single, _, _ = evaluate_examples(bundle, _examples(multi_line=False), "test", "synthetic")

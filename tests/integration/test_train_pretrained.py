@@ -50,11 +50,11 @@ def test_fine_tuned_converted_model_folder(tiny_bert_moe_dir: Path) -> None:
 def test_converted_model_answers_with_its_own_tokenizer_frame(tiny_bert_moe_dir: Path) -> None:
     bundle = load_model(tiny_bert_moe_dir)
     tok = bundle.tokenizer
-    (enc,) = tok.encode_batch(["stocks fell sharply"], bundle.config.max_length)
+    (enc,) = tok.encode_batch(["stocks fell sharply"], bundle.folder.config.max_length)
     assert tok.tokenizer.id_to_token(enc.ids[0]) == "[CLS]" and tok.tokenizer.id_to_token(enc.ids[-1]) == "[SEP]"
     with torch.no_grad():
         out = bundle.model(*pad_batch([enc.ids], tok.pad_id))
-    assert bundle.labels[int(out.logits.argmax())] == "business"
+    assert bundle.folder.labels[int(out.logits.argmax())] == "business"
     assert len(out.routing) == 2 and out.routing[0].expert_ids.shape == (len(enc.ids), 2)
 
 

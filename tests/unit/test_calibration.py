@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.modeling.probabilities import softmax
 from service.training.calibration import (
     expected_calibration_error,
     fit_temperature,
     nll,
     reliability_bins,
-    softmax,
 )
 
 

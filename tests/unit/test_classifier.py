@@ -76,7 +76,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     tok = TextTokenizer.train(["the cat sat on the mat", "stocks fell sharply today"] * 10, vocab_size=100)
     save_model(tmp_path / "m", model, tok, ["a", "b", "c"], {"dataset": "x"})
     bundle = load_model(tmp_path / "m")
-    assert bundle.labels == ["a", "b", "c"] and bundle.training == {"dataset": "x"}
+    assert bundle.folder.labels == ("a", "b", "c") and bundle.folder.training == {"dataset": "x"}
     seqs = _texts(6)
     with torch.no_grad():
         assert torch.equal(model(*pad_batch(seqs)).logits, bundle.model(*pad_batch(seqs)).logits)
@@ -151,7 +151,7 @@ def test_committed_default_model_gives_the_same_logits() -> None:
 
     golden = json.loads((ROOT / "tests" / "data" / "bbc_news_moe_golden.json").read_text())
     bundle = load_model(DEFAULT_MODEL)
-    ids = [e.ids for e in bundle.tokenizer.encode_batch(golden["texts"], bundle.config.max_length)]
+    ids = [e.ids for e in bundle.tokenizer.encode_batch(golden["texts"], bundle.folder.config.max_length)]
     assert ids == golden["ids"]
     with torch.no_grad():
         logits = bundle.model(*pad_batch(ids, bundle.tokenizer.pad_id)).logits

@@ -107,7 +107,7 @@ def test_converted_model_round_trips_through_a_model_folder(bert_dir: Path, tmp_
     moe = convert_to_moe(dense, "moefication", num_experts=4, top_k=2).eval()
     save_model(tmp_path / "m", moe, tok, ["a", "b", "c"])
     bundle = load_model(tmp_path / "m")
-    assert bundle.config == moe.config
+    assert bundle.folder.config == moe.config
     ids, mask = pad_batch([e.ids for e in tok.encode_batch(TEXTS, 64)], tok.pad_id)
     loaded_ids, _ = pad_batch([e.ids for e in bundle.tokenizer.encode_batch(TEXTS, 64)], tok.pad_id)
     assert torch.equal(ids, loaded_ids)

@@ -3,7 +3,6 @@ the ONNX graph names and the bench's variants."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,9 @@ from service.backends.variants import (
 from service.bench.backends import available
 from service.cli import build_parser
 from service.config import Settings
-from service.modeling.layout import CONFIG_FILE, ONNX_FILE, ONNX_INT8_FILE, WEIGHTS_FILE
+from service.modeling.config import ModelConfig
+from service.modeling.folder import ModelFolder
+from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE, WEIGHTS_FILE
 from tests.conftest import ROOT
 
 
@@ -72,12 +73,12 @@ def test_bench_measures_the_cpu_variants_whose_files_are_there(tmp_path: Path) -
     assert all(v.device == "cpu" for v in available(tmp_path))
 
 
-def _folder(tmp_path: Path, serving: dict | None, *files: str) -> Path:
+def _folder(tmp_path: Path, serving: dict | None, *files: str) -> ModelFolder:
+    """A folder's record with its measured "serving" choice and the graph files it holds."""
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / CONFIG_FILE).write_text(json.dumps({"serving": serving} if serving else {}))
     for name in files:
         (tmp_path / name).write_bytes(b"")
-    return tmp_path
+    return ModelFolder(tmp_path, ModelConfig(vocab_size=8, num_labels=2), ("a", "b"), serving=serving or {})
 
 
 def test_resolve_settings_first_then_the_folder_then_the_reference(tmp_path: Path) -> None:
