@@ -14,6 +14,16 @@ DEFAULT_MODEL = ROOT / "models" / "bbc-news-moe"
 # Two cores: keep torch from oversubscribing when the server and the tests run side by side.
 torch.set_num_threads(int(os.environ.get("MOE_TEST_THREADS", "2")))
 
+# A test's tier is its folder (speed, not subject): the marker comes from there, so none can be forgotten.
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = next((t for t in TIERS if (ROOT / "tests" / t) in item.path.parents), None)
+        if tier is not None:
+            item.add_marker(tier)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

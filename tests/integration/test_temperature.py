@@ -110,11 +110,15 @@ def test_report_has_calibration_and_headline_sections(tmp_path: Path) -> None:
     bundle = load_model(d)
     examples = _examples()
     t = calibrate(bundle, examples)
-    assert 0.05 <= t <= 20
+    from tests.calibration_reference import ece, minimises_nll
+
+    logits = predict_texts(bundle, [e.text for e in examples])[0].logits
+    assert minimises_nll(t, logits, np.array([LABELS.index(e.label) for e in examples])), t
     report, preds, y = evaluate_examples(bundle, examples, "test", "synthetic")
     cal = report["calibration"]
     assert cal["temperature"] == 0.8 and cal["bins"] == 15
-    assert 0 <= cal["ece_before"] <= 1 and 0 <= cal["ece"] <= 1
+    assert cal["ece_before"] == pytest.approx(ece(preds.logits, y, 1.0), abs=1e-4)
+    assert cal["ece"] == pytest.approx(ece(preds.logits, y, 0.8), abs=1e-4)
     head = report["headline"]
     assert head["examples"] == 30 and set(head) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "roc_auc"}
     assert 0 <= head["macro_f1"] <= 1 and np.sum(head["confusion_matrix"]) == 30

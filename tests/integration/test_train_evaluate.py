@@ -75,7 +75,13 @@ def test_evaluate_cli_on_own_split(tiny_model_dir: Path, tmp_path: Path) -> None
     assert (tmp_path / "rep" / "expert_by_class.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "reliability_diagram.png").stat().st_size > 1000
     cal = report["calibration"]
-    assert cal["bins"] == 15 and cal["temperature"] > 0 and 0 <= cal["ece"] <= 1 and 0 <= cal["ece_before"] <= 1
+    from tests.calibration_reference import ece, split_logits
+
+    folder_t = json.loads((tiny_model_dir / "config.json").read_text())["temperature"]
+    assert cal["bins"] == 15 and cal["temperature"] == folder_t
+    logits, y = split_logits(tiny_model_dir, "test")  # ECE recomputed here, before (T = 1) and after
+    assert cal["ece_before"] == pytest.approx(ece(logits, y, 1.0), abs=1e-4)
+    assert cal["ece"] == pytest.approx(ece(logits, y, cal["temperature"]), abs=1e-4)
     # bbc-news articles open with their title: the headline section scores the model on titles alone.
     head = report["headline"]
     assert head["examples"] == report["examples"] and sum(map(sum, head["confusion_matrix"])) == report["examples"]
@@ -89,7 +95,9 @@ def test_calibrate_cli_writes_only_the_temperature(tiny_model_dir: Path, tmp_pat
     r = _cli("calibrate", "--model", str(model))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["split"] == "validation" and 0.05 <= out["temperature"] <= 20
+    from tests.calibration_reference import minimises_nll, split_logits
+
+    assert out["split"] == "validation" and minimises_nll(out["temperature"], *split_logits(model, "validation"))
     assert 0 <= out["ece"] <= 1 and 0 <= out["ece_before"] <= 1
     after = json.loads((model / "config.json").read_text())
     assert after == {**before, "temperature": out["temperature"]} and list(after) == list(before)

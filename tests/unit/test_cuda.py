@@ -1,8 +1,7 @@
-"""CUDA checks: run where a GPU exists, skipped elsewhere (CI has none)."""
+"""CUDA checks: run where a GPU exists, skipped elsewhere (CI has none). The backend on a trained model is in
+tests/integration/test_cuda.py."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,15 +21,3 @@ def test_grouped_matches_reference_on_cuda() -> None:
     with torch.no_grad():
         r = layer.route(x)
         torch.testing.assert_close(layer.grouped_forward(x, r), layer.reference_forward(x, r), atol=1e-4, rtol=1e-4)
-
-
-def test_backend_on_cuda_matches_cpu(tiny_model_dir: Path) -> None:
-    from service.backends import load_backend
-
-    cpu = load_backend(tiny_model_dir, "cpu")
-    gpu = load_backend(tiny_model_dir, "auto")
-    assert gpu.device == "cuda"
-    seqs = [[5, 6, 7], list(range(2, 40))]
-    torch.testing.assert_close(
-        torch.from_numpy(gpu.forward(seqs).logits), torch.from_numpy(cpu.forward(seqs).logits), atol=1e-4, rtol=1e-4
-    )
