@@ -14,3 +14,13 @@ def test_app_imports_without_torch() -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_settings_and_table_import_no_torch_or_onnxruntime() -> None:
+    code = (
+        "import sys, service.config, service.backends.variants, service.cli; "
+        "print(sorted({'torch', 'onnxruntime'} & set(sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -3,8 +3,6 @@ the ONNX graph names and the bench's variants."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import get_args
 
@@ -27,7 +25,6 @@ from service.config import Settings
 from service.modeling.config import ModelConfig
 from service.modeling.folder import ModelFolder
 from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE, WEIGHTS_FILE
-from tests.conftest import ROOT
 
 
 def test_table_rows_are_unique_and_the_reference_comes_first() -> None:
@@ -100,13 +97,3 @@ def test_resolve_and_load_refuse_what_the_table_lacks(tmp_path: Path) -> None:
         resolve(folder, "tensorrt")
     with pytest.raises(ValueError, match="device 'cuda:0' needs --backend torch"):
         load_backend(folder, "cuda:0", "onnx")
-
-
-def test_settings_and_table_import_no_torch_or_onnxruntime() -> None:
-    code = (
-        "import sys, service.config, service.backends.variants, service.cli; "
-        "print(sorted({'torch', 'onnxruntime'} & set(sys.modules)))"
-    )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
