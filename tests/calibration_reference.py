@@ -45,8 +45,9 @@ def ece(logits: np.ndarray, y: np.ndarray, temperature: float, bins: int = 15) -
 def split_logits(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Raw logits and label ids of a model folder's own split (the one `moe-serve evaluate` re-creates), in process."""
     from service.modeling.artifacts import load_model
-    from service.training.evaluate import label_ids, model_examples, predict_texts
+    from service.training.evaluate import label_ids, model_examples
+    from service.training.predict import predict_texts
 
-    bundle = load_model(folder)
-    examples, _ = model_examples(bundle, None, split)
-    return predict_texts(bundle, [e.text for e in examples])[0].logits, label_ids(bundle, examples)
+    loaded = load_model(folder)
+    examples, _ = model_examples(loaded.folder, None, split)
+    return predict_texts(loaded, [e.text for e in examples])[0].logits, label_ids(loaded.folder, examples)

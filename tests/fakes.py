@@ -4,11 +4,16 @@ text's own ids, so batched and unbatched answers agree exactly; it can be made s
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
+from service.config import Settings
+from service.engine.local_model import LocalModel
+from service.engine.loop import InferenceThread
+from service.metrics import Metrics
 from service.modeling.config import ModelConfig
 from service.modeling.folder import ModelFolder
 from service.modeling.tokenizer import Encoded
@@ -56,3 +61,20 @@ class FakeBackend(Backend):
 def expected_logits(text: str) -> list[float]:
     ids = FakeTokenizer().encode_batch([text], 64)[0].ids
     return [float(sum(ids) % 7), float(len(ids) % 5), float(ids[0] % 3)]
+
+
+class ServedModel:
+    """A LocalModel and its inference thread, started on demand (a test may queue texts first)."""
+
+    def __init__(self, backend: Backend, **settings: object) -> None:
+        self.model = LocalModel(backend, Settings(**settings), Metrics(), ThreadPoolExecutor(1))  # type: ignore[arg-type]
+        self.thread = InferenceThread(self.model)
+
+    def start(self) -> LocalModel:
+        self.model.warm_up()
+        self.thread.start()
+        return self.model
+
+    def stop(self) -> None:
+        self.model.close()
+        self.thread.join(5)

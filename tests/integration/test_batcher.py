@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +13,10 @@ import pytest
 
 from service.backends import load_backend
 from service.backends.base import Backend
-from service.config import Settings
-from service.engine.local_model import LocalModel, future_finish
-from service.engine.loop import InferenceThread
+from service.engine.local_model import future_finish
 from service.engine.request_queue import PendingRequest, WorkItem
 from service.errors import ServiceError
-from service.metrics import Metrics
-
-
-class _Served:
-    """A LocalModel and its inference thread, started on demand (a test may queue texts first)."""
-
-    def __init__(self, model_dir: Path, **settings) -> None:
-        self.model = LocalModel(load_backend(model_dir), Settings(**settings), Metrics(), ThreadPoolExecutor(1))
-        self.thread = InferenceThread(self.model)
-
-    def start(self) -> LocalModel:
-        self.model.warm_up()
-        self.thread.start()
-        return self.model
-
-    def stop(self) -> None:
-        self.model.close()
-        self.thread.join(5)
+from tests.fakes import ServedModel
 
 
 def _count_expert_calls(backend: Backend) -> Counter:
@@ -63,7 +43,7 @@ def _request(loop: asyncio.AbstractEventLoop, deadline: float, own_ms: int | Non
 
 def test_n_requests_one_batch_one_matmul_per_expert_per_layer(tiny_model_dir: Path) -> None:
     """32 concurrent requests run as one batch: each active expert's GEMM runs once per MoE layer, not 32 times."""
-    served = _Served(tiny_model_dir, max_wait_ms=0)
+    served = ServedModel(load_backend(tiny_model_dir), max_wait_ms=0)
     model = served.model
     calls = _count_expert_calls(model.backend)
 
@@ -88,7 +68,7 @@ def test_n_requests_one_batch_one_matmul_per_expert_per_layer(tiny_model_dir: Pa
 
 
 def test_batched_results_equal_single_results(tiny_model_dir: Path) -> None:
-    served = _Served(tiny_model_dir, max_wait_ms=20)
+    served = ServedModel(load_backend(tiny_model_dir), max_wait_ms=20)
     worker = served.start()
     texts = [("share prices " * (1 + i % 9)).strip() for i in range(24)]
 
@@ -107,7 +87,7 @@ def test_batched_results_equal_single_results(tiny_model_dir: Path) -> None:
 def test_model_error_fails_its_batch_and_the_worker_lives_on(tiny_model_dir: Path) -> None:
     """A token id beyond the vocabulary makes the real model raise: that request gets an internal error, the
     inference thread survives, and the next request is served."""
-    served = _Served(tiny_model_dir, max_wait_ms=0)
+    served = ServedModel(load_backend(tiny_model_dir), max_wait_ms=0)
     worker = served.start()
 
     async def run():

@@ -4,35 +4,15 @@ is computed, 408 for the request's own deadline and 504 for the server's cap."""
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.config import Settings
-from service.engine.local_model import LocalModel
-from service.engine.loop import InferenceThread
 from service.errors import ServiceError
-from service.metrics import Metrics
-from tests.fakes import FakeBackend
-
-
-class _Served:
-    def __init__(self, **settings) -> None:
-        self.model = LocalModel(FakeBackend(), Settings(**settings), Metrics(), ThreadPoolExecutor(1))
-        self.thread = InferenceThread(self.model)
-
-    def start(self) -> LocalModel:
-        self.model.warm_up()
-        self.thread.start()
-        return self.model
-
-    def stop(self) -> None:
-        self.model.close()
-        self.thread.join(5)
+from tests.fakes import FakeBackend, ServedModel
 
 
 def test_stopped_worker_refuses_new_work() -> None:
-    served = _Served()
+    served = ServedModel(FakeBackend())
     worker = served.start()
     served.stop()
     assert not worker.ready
@@ -43,7 +23,7 @@ def test_stopped_worker_refuses_new_work() -> None:
 
 def test_overload_is_refused_before_tokenizing() -> None:
     """A request that cannot fit in the queue gets its 429 (with the wait in ms) without a token being computed."""
-    worker = _Served(max_queue_texts=4, max_wait_ms=0).model
+    worker = ServedModel(FakeBackend(), max_queue_texts=4, max_wait_ms=0).model
     calls: list[int] = []
     original = worker.backend.tokenizer.encode_batch
 
@@ -60,11 +40,11 @@ def test_overload_is_refused_before_tokenizing() -> None:
 
 def test_own_timeout_is_a_request_timeout() -> None:
     """The request's own timeout_ms passing is 408 (its choice); the server's cap passing stays 504."""
-    worker = _Served(request_timeout_s=30).model  # never started: nothing runs, deadlines pass
+    worker = ServedModel(FakeBackend(), request_timeout_s=30).model  # never started: nothing runs, deadlines pass
     with pytest.raises(ServiceError) as own:
         asyncio.run(worker.classify(["market news"], timeout_s=0.05))
     assert own.value.status == 408 and "timeout_ms (50 ms)" in own.value.message
-    capped = _Served(request_timeout_s=0.05).model
+    capped = ServedModel(FakeBackend(), request_timeout_s=0.05).model
     with pytest.raises(ServiceError) as server:
         asyncio.run(capped.classify(["market news"]))
     assert server.value.status == 504
