@@ -22,7 +22,8 @@ Subparsers = argparse._SubParsersAction  # what add_subparsers returns
 
 
 def _train(args: argparse.Namespace) -> int:
-    from service.training.train import Recipe, train
+    from service.training.recipe import Recipe
+    from service.training.train import train
 
     recipe = Recipe.from_file(args.recipe)
     if args.epochs is not None:

@@ -27,7 +27,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from service.training.train import Recipe, train
+    from service.training.recipe import Recipe
+    from service.training.train import train
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     recipe = Recipe.from_file(ROOT / "recipes" / "tiny.yaml")
@@ -62,7 +63,8 @@ def write_topic_csv(path: Path, rows_per_class: int = 40) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT-format encoder (built here) converted by MoEfication and fine-tuned by `moe-serve train`."""
-    from service.training.train import Recipe, train
+    from service.training.recipe import Recipe
+    from service.training.train import train
     from tests.bert_fixture import write_tiny_bert
 
     work = tmp_path_factory.mktemp("pretrained")

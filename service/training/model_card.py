@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from service.modeling.config import ModelConfig
 
 if TYPE_CHECKING:
-    from service.training.train import Recipe
+    from service.training.recipe import Recipe
 
 
 def _encoder_lines(m: ModelConfig, meta: dict[str, Any]) -> str:

@@ -60,7 +60,7 @@ def test_converted_model_answers_with_its_own_tokenizer_frame(tiny_bert_moe_dir:
 
 def test_written_recipe_loads_back(tiny_bert_moe_dir: Path) -> None:
     """recipe.json reproduces the model: it must be a valid recipe itself (no `model` section beside `base`)."""
-    from service.training.train import Recipe
+    from service.training.recipe import Recipe
 
     recipe = Recipe.from_file(tiny_bert_moe_dir / "recipe.json")
     assert recipe.base is not None and recipe.base.method == "moefication"

@@ -136,7 +136,7 @@ def test_recipe_model_section_covers_the_model_config() -> None:
     """The recipe's model section mirrors ModelConfig; a field added to one must be added to the other."""
     from dataclasses import fields
 
-    from service.training.train import ModelRecipe
+    from service.training.recipe import ModelRecipe
 
     config_fields = {f.name for f in fields(ModelConfig)} - {"num_labels", "pad_token_id"}
     assert set(ModelRecipe.model_fields) == config_fields

@@ -155,7 +155,7 @@ def test_bad_bases_are_named(tmp_path: Path, bert_dir: Path) -> None:
 def test_recipe_with_base_refuses_a_model_section() -> None:
     from pydantic import ValidationError
 
-    from service.training.train import Recipe
+    from service.training.recipe import Recipe
 
     with pytest.raises(ValidationError, match="takes its architecture from the base model"):
         Recipe.model_validate({"base": {"model": "x"}, "model": {"d_model": 64}})
