@@ -83,18 +83,12 @@ def _choose_backend(model_dir: Path, threads: int | None) -> dict:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from service.modeling.artifacts import load_model, write_temperature
-    from service.training.calibration import fit_temperature
-    from service.training.evaluate import label_ids, model_examples
-    from service.training.metrics import calibration_section
-    from service.training.predict import predict_texts
+    from service.training.evaluate import calibrate, model_examples
 
     loaded = load_model(args.model)
     examples, _ = model_examples(loaded.folder, None, args.split)
-    preds, _ = predict_texts(loaded, [e.text for e in examples])  # preds.logits: the model's own, whatever T is
-    y = label_ids(loaded.folder, examples)
-    temperature = fit_temperature(preds.logits, y)
+    temperature, section = calibrate(loaded, examples)
     write_temperature(args.model, temperature)
-    section = calibration_section(preds.logits, y, temperature)
     result = {"model": loaded.folder.name, "split": args.split, "examples": len(examples), **section}
     print(json.dumps(result, indent=2))
     print(f"temperature {temperature} written to {Path(args.model) / 'config.json'}", file=sys.stderr)

@@ -35,10 +35,13 @@ def label_ids(folder: ModelFolder, examples: list[Example]) -> np.ndarray:
     return np.array([label2id[e.label] for e in examples], dtype=np.int64)
 
 
-def calibrate(loaded: LoadedModel, examples: list[Example]) -> float:
-    """Temperature fitted on `examples` (the validation split; never the test split, which reports the result)."""
-    preds, _ = predict_texts(loaded, [e.text for e in examples])
-    return fit_temperature(preds.logits, label_ids(loaded.folder, examples))
+def calibrate(loaded: LoadedModel, examples: list[Example]) -> tuple[float, dict[str, Any]]:
+    """Temperature fitted on `examples` (the validation split; never the test split, which reports the result),
+    and the calibration section on them (ECE before, T = 1, and after), from one prediction."""
+    preds, _ = predict_texts(loaded, [e.text for e in examples])  # preds.logits: the model's own, whatever T is
+    y = label_ids(loaded.folder, examples)
+    temperature = fit_temperature(preds.logits, y)
+    return temperature, calibration_section(preds.logits, y, temperature)
 
 
 def _lines(text: str) -> list[str]:

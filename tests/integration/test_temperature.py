@@ -109,7 +109,7 @@ def test_report_has_calibration_and_headline_sections(tmp_path: Path) -> None:
     d = _folder(tmp_path / "m", temperature=0.8)
     bundle = load_model(d)
     examples = _examples()
-    t = calibrate(bundle, examples)
+    t, _ = calibrate(bundle, examples)
     from tests.calibration_reference import ece, minimises_nll
 
     logits = predict_texts(bundle, [e.text for e in examples])[0].logits
