@@ -27,9 +27,8 @@ def resolve(folder: ModelFolder, kind: str = AUTO, precision: str = AUTO) -> tup
     model_dir, serving = folder.path, folder.serving
     chosen = find(serving.get("backend"), serving.get("precision"))
     graph = chosen.graph if chosen else None
-    if graph and not (model_dir / graph).is_file():
-        # Graphs are build artefacts (`moe-serve export`; the Docker image makes them), not committed: without
-        # the chosen one, `auto` serves torch rather than failing.
+    if graph and not (model_dir / graph).is_file() and not build_graphs(model_dir, graph):
+        # Without the chosen graph and no way to build it here, `auto` serves torch rather than failing.
         choice = f"{serving.get('backend')} {serving.get('precision')}"
         log.warning("%s: serving choice %s needs %s (run `moe-serve export`); using torch", model_dir, choice, graph)
         serving = {}
@@ -46,6 +45,21 @@ def resolve(folder: ModelFolder, kind: str = AUTO, precision: str = AUTO) -> tup
     if precision not in PRECISIONS[kind]:
         raise ValueError(f"backend {kind} runs {' or '.join(PRECISIONS[kind])}, not {precision!r}")
     return kind, precision
+
+
+def build_graphs(model_dir: Path, graph: str) -> bool:
+    """Graphs are build artefacts, not committed (they are derived from the weights, and the int8 graph alone would
+    double a folder): the folder's chosen one is exported on first load, into the folder (~15 s for MiniLM; the
+    Docker image builds them at image build). False where it cannot be (read-only folder, no torch installed)."""
+    log.info("%s: building %s from the weights (moe-serve export), once", model_dir, graph)
+    try:
+        from service.modeling.onnx_export import export_model
+
+        export_model(model_dir, int8=True)
+    except (ImportError, OSError) as exc:
+        log.warning("%s: cannot build %s here: %s", model_dir, graph, exc)
+        return False
+    return (model_dir / graph).is_file()
 
 
 def load_backend(

@@ -106,7 +106,6 @@ def experts_per_sequence(model: MoEClassifier) -> Iterator[Callable[[torch.Tenso
             b.ffn = f
 
 
-
 @torch.inference_mode()
 def engine_modes(
     model: MoEClassifier, sets: dict[str, list[list[int]]], batch_size: int, repeats: int

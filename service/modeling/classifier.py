@@ -77,9 +77,6 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
-    # Set once on a model about to be exported (service/modeling/onnx_export.py): plain matmul-softmax-matmul with an
-    # additive mask, which graph runtimes fuse, instead of SDPA's boolean-mask export (Where/IsNaN over the scores).
-    explicit: bool = False
     row_buckets: bool = False  # serving on CPU: GEMM rows padded to a few sizes (service/modeling/row_buckets.py)
 
     def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -91,16 +88,11 @@ class SelfAttention(nn.Module):
         b, length, d = x.shape
         qkv = self._linear(self.qkv, x)
         q, k, v = qkv.view(b, length, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        if self.explicit:
-            # Padded keys get -1e9: exp underflows to exactly 0, as with SDPA's boolean mask (every row has a key).
-            bias = (1.0 - key_mask.to(q.dtype))[:, None, None, :] * -1e9
-            scores = q @ k.transpose(-2, -1) * (d // self.n_heads) ** -0.5 + bias
-            y = scores.softmax(-1) @ v
-        else:
-            # Boolean mask [B, 1, 1, L]: padded keys get no weight, so padding never changes a real token's output.
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
-            )
+        # Boolean mask [B, 1, 1, L]: padded keys get no weight, so padding never changes a real token's output. (Graph
+        # exports replace this module with ONNX Runtime's fused Attention: service/modeling/onnx_export.py.)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+        )
         return self._linear(self.out, y.transpose(1, 2).reshape(b, length, d))
 
 

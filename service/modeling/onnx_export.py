@@ -6,30 +6,70 @@ The graph takes padded `input_ids` and `attention_mask` [batch, seq] (both axes 
 
 Sparse routing stays in the graph: every MoE layer is exported through `MoEFeedForward.graph_forward`, a static
 loop over the E experts whose (token, slot) pairs are found by NonZero at run time. (Tracing the eager grouped path
-would freeze the example's routing, since its group sizes are Python ints.) The exported graph is then optimised
-offline by onnxruntime (constant folding, LayerNorm / GELU / MatMul+Add fusions) and, for int8, dynamically
-quantised: weights of every MatMul/Gemm stored as int8, activations quantised per batch at run time.
+would freeze the example's routing, since its group sizes are Python ints.) Self-attention is exported as ONNX
+Runtime's contrib `Attention` node (one fused CPU kernel for the QKV projection, masked softmax and weighted sum;
+measured on bbc-news-minilm-moe, 64 articles: 2.5 s of attention against 3.8 s as plain ops, one thread). The graph
+is then optimised offline by onnxruntime (constant folding, LayerNorm / GELU / MatMul+Add fusions) and, for int8,
+dynamically quantised: weights of every MatMul/Gemm stored as int8 and Attention made QAttention, activations
+quantised per batch at run time; the routers stay fp32.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from service.modeling.artifacts import load_model
-from service.modeling.classifier import MoEClassifier, pad_batch
+from service.modeling.classifier import MoEClassifier, SelfAttention, pad_batch
 from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE
 
 log = logging.getLogger(__name__)
 OPSET = 17
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Self-attention as one ONNX Runtime contrib `Attention` node (QKV projection, scaled dot product, masked
+    softmax and the weighted sum in one fused CPU kernel) instead of some 15 plain ops on [B, H, L, L] tensors.
+    Eager, it computes the same maths plainly, so tracing sees the right shapes."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, heads: int
+    ) -> torch.Tensor:
+        b, length, d = x.shape
+        q, k, v = (x @ weight + bias).view(b, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        pad = (1.0 - mask.to(x.dtype))[:, None, None, :] * -1e4  # the contrib op's own mask value
+        y = (q @ k.transpose(-2, -1) * (d // heads) ** -0.5 + pad).softmax(-1) @ v
+        return y.transpose(1, 2).reshape(b, length, d)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, weight: Any, bias: Any, mask: Any, heads: int) -> Any:
+        # mask: the [B, L] 0/1 attention mask (a raw 2-D mask_index), as int32.
+        return g.op("com.microsoft::Attention", x, weight, bias, g.op("Cast", mask, to_i=6), num_heads_i=heads)
+
+
+class _GraphAttention(nn.Module):
+    """A SelfAttention exported as the fused contrib op, then its output projection."""
+
+    def __init__(self, attn: SelfAttention) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        # qkv.weight is [3d, d] with q, k, v stacked, heads contiguous: the op's [d, 3d] layout once transposed.
+        y = _FusedAttention.apply(x, a.qkv.weight.t(), a.qkv.bias, key_mask, a.n_heads)
+        return a.out(y)
+
+
 class _GraphModel(nn.Module):
-    """The classifier with graph-friendly MoE dispatch and a flat tuple of outputs."""
+    """The classifier with graph-friendly MoE dispatch and attention, and a flat tuple of outputs."""
 
     def __init__(self, model: MoEClassifier) -> None:
         super().__init__()
@@ -38,7 +78,7 @@ class _GraphModel(nn.Module):
             layer.graph_dispatch = True
         for block in self.model.blocks:
             if block.attn is not None:
-                block.attn.explicit = True
+                block.attn = _GraphAttention(block.attn)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h, packed, routing = self.model.encode(input_ids, attention_mask)
@@ -75,6 +115,7 @@ def export_graph(model: MoEClassifier, path: Path) -> Path:
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,  # the TorchScript exporter: NonZero-driven, data-dependent shapes trace cleanly
+            custom_opsets={"com.microsoft": 1},
         )
     return path
 
@@ -90,28 +131,52 @@ def optimise(src: Path, dst: Path) -> Path:
     return dst
 
 
+# The ops whose weights are stored int8 (Attention becomes QAttention: its fused QKV projection in int8).
+INT8_OPS = ("MatMul", "Gemm", "Attention")
+
+
+def router_nodes(path: Path) -> list[str]:
+    """The routers' MatMuls: kept fp32 in int8 graphs, since an int8 router flips top-k choices (measured: 83% of
+    the fp32 routing kept with int8 routers) for no gain (a [T, d] x [d, E] product is a sliver of the work)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "MatMul" and "/router/" in n.name]
+
+
 def quantise_int8(src: Path, dst: Path) -> Path:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=list(INT8_OPS),
+        nodes_to_exclude=router_nodes(src),
+        # The contrib Attention node carries no inferred output type: tell the quantiser it is fp32.
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
     return dst
 
 
 def export_model(model_dir: str | Path, int8: bool = False) -> list[Path]:
-    """Write model.onnx (and model.int8.onnx) into the model folder; returns the files written."""
+    """Write model.onnx (and model.int8.onnx) into the model folder; returns the files written. Built in a scratch
+    folder beside them and moved in at the end, so a reader (or a second exporter) never sees half a graph."""
     folder = Path(model_dir)
     bundle = load_model(folder)
-    raw = folder / "model.raw.onnx"
-    try:
-        export_graph(bundle.model, raw)
-        written = [optimise(raw, folder / ONNX_FILE)]
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=folder) as tmp:
+        work = Path(tmp)
+        export_graph(bundle.model, work / "raw.onnx")
+        built = {ONNX_FILE: optimise(work / "raw.onnx", work / ONNX_FILE)}
         if int8:
             # Quantise the exported graph, not the optimised one: fused CPU-only ops are not quantisable.
-            written.append(optimise(quantise_int8(raw, folder / "model.int8.raw.onnx"), folder / ONNX_INT8_FILE))
-    finally:
-        for tmp in (raw, folder / "model.int8.raw.onnx"):
-            tmp.unlink(missing_ok=True)
+            quantised = quantise_int8(work / "raw.onnx", work / "int8.raw.onnx")
+            built[ONNX_INT8_FILE] = optimise(quantised, work / "int8.onnx")
+        written = []
+        for name, path in built.items():
+            path.chmod(0o644)
+            written.append(path.replace(folder / name))
     for p in written:
-        p.chmod(0o644)
         log.info("wrote %s (%.1f MB)", p, p.stat().st_size / 1e6)
     return written

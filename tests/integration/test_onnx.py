@@ -83,8 +83,28 @@ def test_backend_choice_follows_settings_then_folder(exported: Path, tmp_path: P
     with pytest.raises(ValueError, match="runs fp32 or bf16"):
         resolve(read_folder(folder), "torch", "int8")
     assert load_backend(folder, "cpu").kind == "onnx"
-    # Graphs are build artefacts: a fresh clone has the choice but not the graph, and `auto` then serves torch.
+    # Graphs are build artefacts: a fresh clone has the choice but not the graph, which `auto` then builds once.
     (folder / ONNX_INT8_FILE).unlink()
+    assert resolve(read_folder(folder)) == ("onnx", "int8")
+    assert (folder / ONNX_INT8_FILE).is_file()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".export-")]  # the scratch folder is gone
+
+
+def test_auto_serves_torch_where_the_graph_cannot_be_built(exported: Path, tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import service.modeling.onnx_export as onnx_export
+
+    folder = tmp_path / "read-only"
+    shutil.copytree(exported, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "serving": {"backend": "onnx", "precision": "int8"}}))
+    (folder / ONNX_INT8_FILE).unlink()
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(onnx_export, "export_model", read_only)
     assert resolve(read_folder(folder)) == ("torch", "fp32")
 
 

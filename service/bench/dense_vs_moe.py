@@ -1,0 +1,194 @@
+"""Is the MoE cheaper than the dense model it was made from? The engine side by side on the same texts.
+
+Every row is timed on the same two text sets from the bbc-news test split, cut at the model's maximum length:
+`headline` (each article's first line) and `article` (the whole article), at batch 1 (one text after another) and
+batch 64 (sorted by length, as the batcher cuts them). The rows:
+
+- `moe`: the folder at each backend variant it can run (torch fp32 / bf16, ONNX Runtime fp32 / int8);
+- `all-experts`: the same folder with top-k = number of experts, i.e. every expert on every token: for a
+  MoEfied model this is exactly its dense original (the conversion tests prove it), in the same code and precision;
+- `dense-ort`: the dense base (config `training.base`) as a user would deploy it without this project, HF
+  transformers exported to ONNX and fused by ONNX Runtime's transformer optimizer, fp32 and int8
+  (service/bench/dense_yardstick.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from service.backends import load_backend
+from service.bench.backends import available, length_sorted_batches
+from service.modeling.artifacts import LoadedModel
+from service.modeling.layout import CONFIG_FILE
+
+log = logging.getLogger(__name__)
+BATCHES = (1, 64)
+Forward = Callable[[list[list[int]]], Any]
+
+
+def text_sets(loaded: LoadedModel, n: int) -> dict[str, list[list[int]]]:
+    """`headline` and `article` token ids: the first n test articles, whole and by their first line."""
+    from service.training.data import load_dataset
+    from service.training.evaluate import headline
+    from service.training.predict import encode_texts
+
+    test = load_dataset("bbc-news")["test"][:n]
+    max_length = loaded.folder.config.max_length
+    return {
+        "headline": encode_texts(loaded.tokenizer, [headline(e.text) for e in test], max_length),
+        "article": encode_texts(loaded.tokenizer, [e.text for e in test], max_length),
+    }
+
+
+def texts_per_s(forward: Forward, seqs: list[list[int]], batch: int, repeats: int) -> float:
+    """Median over `repeats` passes over every text, after one warm-up pass."""
+    calls = [[s] for s in seqs] if batch == 1 else length_sorted_batches(seqs, batch)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        for c in calls:
+            forward(c)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return round(len(seqs) / statistics.median(times), 1)
+
+
+def time_row(kind: str, precision: str, forward: Forward, sets: dict[str, list[list[int]]], repeats: int) -> dict:
+    row: dict[str, Any] = {"model": kind, "precision": precision}
+    for name, seqs in sets.items():
+        for b in BATCHES:
+            row[f"{name}_b{b}"] = texts_per_s(forward, seqs if b > 1 else seqs[: max(len(seqs) // 2, 1)], b, repeats)
+    log.info("%s", row)
+    return row
+
+
+def all_experts_copy(model_dir: Path, into: Path) -> Path:
+    """The folder with top-k = number of experts (weights linked, config rewritten): every expert on every token."""
+    into.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != CONFIG_FILE and not f.name.endswith(".onnx"):
+            (into / f.name).symlink_to(f.resolve())
+    cfg = json.loads((model_dir / CONFIG_FILE).read_text())
+    arch = cfg["architecture"]
+    arch["top_k"] = arch["num_experts"]
+    cfg.pop("serving", None)
+    (into / CONFIG_FILE).write_text(json.dumps(cfg))
+    return into
+
+
+def variant_rows(kind: str, folder: Path, sets: dict[str, list[list[int]]], repeats: int, threads: int) -> list:
+    rows = []
+    for v in available(folder):
+        backend = load_backend(folder, "cpu", v.backend, threads, v.precision)
+        rows.append({**time_row(kind, v.precision, backend.forward, sets, repeats), "backend": v.backend})
+    return rows
+
+
+def dense_rows(loaded: LoadedModel, sets: dict[str, list[list[int]]], repeats: int, threads: int, work: Path) -> list:
+    from service.bench.dense_yardstick import DenseGraph, build
+
+    base = loaded.folder.training.get("base")
+    if not base:
+        return []
+    graphs = build(base, len(loaded.folder.labels), work / "dense")
+    rows = []
+    for precision, graph in graphs.items():
+        g = DenseGraph(graph, loaded.tokenizer.pad_id, threads)
+        rows.append({**time_row("dense-ort", precision, g.forward, sets, repeats), "backend": "onnx"})
+    return rows
+
+
+def compare(loaded: LoadedModel, n_texts: int, repeats: int, threads: int, export: bool = True) -> dict[str, Any]:
+    """All rows, and the ratios the MoE is judged by."""
+    from service.modeling.onnx_export import export_model
+
+    sets = text_sets(loaded, n_texts)
+    model_dir = loaded.folder.path
+    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp:
+        work = Path(tmp)
+        moe_dir = model_dir
+        if export and not (model_dir / "model.int8.onnx").is_file():
+            moe_dir = work / "moe"
+            shutil.copytree(model_dir, moe_dir)
+            export_model(moe_dir, int8=True)
+        dense_dir = all_experts_copy(moe_dir, work / "all-experts")
+        if export:
+            export_model(dense_dir, int8=True)
+        rows = variant_rows("moe", moe_dir, sets, repeats, threads)
+        rows += variant_rows("all-experts", dense_dir, sets, repeats, threads)
+        rows += dense_rows(loaded, sets, repeats, threads, work)
+    return {
+        "texts": {k: len(v) for k, v in sets.items()},
+        "mean_tokens": _mean_tokens(sets),
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
+
+
+def _mean_tokens(sets: dict[str, list[list[int]]]) -> dict[str, float]:
+    return {k: round(sum(map(len, v)) / len(v), 1) for k, v in sets.items()}
+
+
+REGIMES = tuple(f"{t}_b{b}" for t in ("headline", "article") for b in BATCHES)
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per precision, MoE / all-experts; and the best MoE against the best dense-ort, per regime."""
+
+    def pick(kind: str, backend: str, precision: str) -> dict | None:
+        return next((r for r in rows if (r["model"], r["backend"], r["precision"]) == (kind, backend, precision)), None)
+
+    out: dict[str, Any] = {"moe_vs_all_experts": {}, "best_moe_vs_best_dense_ort": {}}
+    for r in rows:
+        if r["model"] == "moe" and (d := pick("all-experts", r["backend"], r["precision"])):
+            out["moe_vs_all_experts"][f"{r['backend']} {r['precision']}"] = {k: round(r[k] / d[k], 2) for k in REGIMES}
+    dense = [r for r in rows if r["model"] == "dense-ort"]
+    moe = [r for r in rows if r["model"] == "moe"]
+    if dense and moe:
+        for k in REGIMES:
+            best_moe = max(moe, key=lambda r: r[k])
+            best_dense = max(dense, key=lambda r: r[k])
+            out["best_moe_vs_best_dense_ort"][k] = {
+                "ratio": round(best_moe[k] / best_dense[k], 2),
+                "moe": f"{best_moe['backend']} {best_moe['precision']}",
+                "dense": f"dense-ort {best_dense['precision']}",
+            }
+    return out
+
+
+def markdown(r: dict[str, Any]) -> list[str]:
+    mt = r["mean_tokens"]
+    lines = [
+        "",
+        f"## The MoE against its dense original (engine, texts/s; headlines {mt['headline']} tokens, articles "
+        f"{mt['article']} tokens on average)",
+        "",
+        "| model | backend | precision | headline, batch 1 | headline, batch 64 | article, batch 1 "
+        "| article, batch 64 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['backend']} | {row['precision']} | "
+            + " | ".join(str(row[k]) for k in REGIMES)
+            + " |"
+        )
+    lines += ["", "| ratio | " + " | ".join(REGIMES) + " |", "|---|" + "---|" * len(REGIMES)]
+    for name, v in r["ratios"]["moe_vs_all_experts"].items():
+        lines.append(f"| MoE / all experts, {name} | " + " | ".join(f"{v[k]}x" for k in REGIMES) + " |")
+    best = r["ratios"]["best_moe_vs_best_dense_ort"]
+    if best:
+        lines.append(
+            "| best MoE / best dense-ort | "
+            + " | ".join(f"{best[k]['ratio']}x ({best[k]['moe']} / {best[k]['dense']})" for k in REGIMES)
+            + " |"
+        )
+    return lines

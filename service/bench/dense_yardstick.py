@@ -1,0 +1,103 @@
+"""The dense yardstick: the MoE's own dense base served the fastest way a user could without this project.
+
+The base encoder (e.g. all-MiniLM-L6-v2) with masked mean pooling and a linear head of the model's labels, run by
+HF `transformers`, exported to ONNX, fused by ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm,
+BiasGelu, EmbedLayerNorm) and, for int8, dynamically quantised after fusion (QAttention, int8 MatMuls). This is the
+graph a user replacing a dense MiniLM with the MoE would otherwise deploy; the bench times it on the same texts as
+the MoE. Its head is untrained (seeded): it is a timing yardstick, and the dense accuracy figures come from
+`make compare-models`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.modeling.bert import resolve_base
+from service.modeling.tokenizer import pad_ids
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "int8")
+
+
+class _MeanPooledClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+
+def _export(base: Path, num_labels: int, path: Path) -> tuple[int, int]:
+    """The base + pooling + head as an ONNX graph with dynamic batch and sequence axes; (heads, hidden)."""
+    from transformers import BertModel
+
+    encoder = BertModel.from_pretrained(str(base), add_pooling_layer=False, attn_implementation="eager").eval()
+    torch.manual_seed(0)
+    model = _MeanPooledClassifier(encoder, encoder.config.hidden_size, num_labels).eval()
+    ids = torch.ones(2, 12, dtype=torch.long)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (ids, mask),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes=axes,
+            opset_version=17,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return encoder.config.num_attention_heads, encoder.config.hidden_size
+
+
+def build(base: str | Path, num_labels: int, out_dir: Path) -> dict[str, Path]:
+    """precision -> the fused dense graph, written into out_dir (fp32, then int8 quantised after fusion)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "dense.raw.onnx"
+    heads, hidden = _export(resolve_base(base), num_labels, raw)
+    fused = optimize_model(str(raw), model_type="bert", num_heads=heads, hidden_size=hidden)
+    log.info("dense yardstick fusions: %s", fused.get_fused_operator_statistics())
+    graphs = {"fp32": out_dir / "dense.fp32.onnx", "int8": out_dir / "dense.int8.onnx"}
+    fused.save_model_to_file(str(graphs["fp32"]))
+    # Fused contrib ops carry no inferred output types: tell the quantiser they are fp32.
+    quantize_dynamic(
+        str(graphs["fp32"]),
+        str(graphs["int8"]),
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    raw.unlink(missing_ok=True)
+    return graphs
+
+
+class DenseGraph:
+    """One yardstick graph behind the backends' forward(sequences) call, so the bench times it the same way."""
+
+    def __init__(self, graph: Path, pad_id: int = 0, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        self.pad_id = pad_id
+
+    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> np.ndarray:
+        ids, mask = pad_ids(sequences, self.pad_id)
+        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
