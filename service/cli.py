@@ -68,13 +68,15 @@ def _choose_backend(model_dir: Path, threads: int | None) -> dict:
     from service.bench.backends import measure_variants, write_choice
     from service.bench.run import machine
     from service.modeling.artifacts import load_model
-    from service.training.evaluate import model_examples
+    from service.training.evaluate import headline, model_examples
     from service.training.predict import encode_texts
 
     loaded = load_model(model_dir)
     folder = loaded.folder
     examples, _ = model_examples(folder, None, "validation")
-    texts = encode_texts(loaded.tokenizer, [e.text for e in examples], folder.config.max_length)[:128]
+    # Articles and their first lines: served traffic brings both short and long texts.
+    raw = [e.text for e in examples[:64]] + [headline(e.text) for e in examples[:64]]
+    texts = encode_texts(loaded.tokenizer, raw, folder.config.max_length)
     rows = measure_variants(model_dir, texts, "validation", threads=threads)
     m = machine()
     choice = write_choice(model_dir, rows, f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}")

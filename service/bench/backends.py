@@ -1,7 +1,8 @@
 """Every way to run one model folder on the CPU, side by side: the CPU rows of the variant table
 (service/backends/variants.py: torch fp32 / bf16, ONNX Runtime fp32 / int8).
 
-`measure_variants` times each at batch 1 and at a saturated batch on the same texts (medians of several runs) and
+`measure_variants` times each at batch 1, at a saturated batch and on served-like batches of random sizes and
+lengths, on the same texts (medians of several runs), and
 checks its answers against the reference (torch fp32) on a labelled split. `choose` picks the fastest variant
 (geometric mean of the two regimes) that answers as the reference does: fp32 with probabilities within 1e-4, the
 same labels and routing 99.9% the same; bf16 / int8 with macro-F1 within 0.5 points. `write_choice` records it in
@@ -47,15 +48,35 @@ def length_sorted_batches(seqs: list[list[int]], batch_size: int) -> list[list[l
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def served_like_batches(seqs: list[list[int]], seed: int = 0) -> list[list[list[int]]]:
+    """Batches as a server meets them: sizes from 1 to SATURATED, texts of every length drawn at random, so most
+    batches bring a shape not seen before (what per-shape kernel compilation, e.g. oneDNN bf16, pays for)."""
+    rng = np.random.default_rng(seed)
+    out, i = [], 0
+    order = rng.permutation(len(seqs))
+    while i < len(seqs):
+        n = int(rng.integers(1, SATURATED + 1))
+        out.append([seqs[j] for j in order[i : i + n]])
+        i += n
+    return out
+
+
 def time_backend(backend: Backend, seqs: list[list[int]], repeats: int) -> dict[str, Any]:
-    """Batch 1 over every text, and batches of SATURATED (sorted by length, as the batcher cuts them); texts/s is
-    the median over `repeats` passes, p50/p99 are per call over all passes."""
+    """Batch 1 over every text, batches of SATURATED (sorted by length, as the batcher cuts them) and served-like
+    batches (random sizes and lengths, a new draw each pass); texts/s is the median over `repeats` passes, p50/p99
+    are per call over all passes."""
     batches = length_sorted_batches(seqs, SATURATED)
     backend.forward(batches[0])  # warm-up: lazy initialisation, caches
     out: dict[str, Any] = {}
-    for name, calls in (("batch_1", [[s] for s in seqs]), (f"batch_{SATURATED}", batches)):
+    regimes = (
+        ("batch_1", lambda _: [[s] for s in seqs]),
+        (f"batch_{SATURATED}", lambda _: batches),
+        ("served_mix", lambda i: served_like_batches(seqs, seed=i)),
+    )
+    for name, calls_of in regimes:
         per_call, per_pass = [], []
-        for _ in range(repeats):
+        for i in range(repeats):
+            calls = calls_of(i)
             t_pass = time.perf_counter()
             for call in calls:
                 t0 = time.perf_counter()
@@ -100,10 +121,14 @@ def passes(row: dict[str, Any], reference_f1: float) -> bool:
     return reference_f1 - row["macro_f1"] <= F1_MAX_DROP
 
 
+REGIMES = ("batch_1", f"batch_{SATURATED}", "served_mix")
+
+
 def speed(row: dict[str, Any]) -> float:
-    """Geometric mean of texts/s at batch 1 and at a saturated batch: a server lives in both regimes (a quiet one
-    runs texts alone, a busy one full batches), and neither may be given up for the other."""
-    return math.sqrt(row["batch_1"]["texts_per_s"] * row[f"batch_{SATURATED}"]["texts_per_s"])
+    """Geometric mean of texts/s at batch 1, at a saturated batch and on served-like batches: a server lives in
+    all three (a quiet one runs texts alone, a busy one full batches of whatever arrives), and none may be given up
+    for another."""
+    return math.prod(row[k]["texts_per_s"] for k in REGIMES) ** (1 / len(REGIMES))
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:

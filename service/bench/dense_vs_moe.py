@@ -14,20 +14,27 @@ batch 64 (sorted by length, as the batcher cuts them). The rows:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
+import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from service.backends import load_backend
 from service.bench.backends import available, length_sorted_batches
 from service.modeling.artifacts import LoadedModel
-from service.modeling.layout import CONFIG_FILE
+from service.modeling.layout import CONFIG_FILE, TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 BATCHES = (1, 64)
@@ -92,13 +99,11 @@ def variant_rows(kind: str, folder: Path, sets: dict[str, list[list[int]]], repe
     return rows
 
 
-def dense_rows(loaded: LoadedModel, sets: dict[str, list[list[int]]], repeats: int, threads: int, work: Path) -> list:
-    from service.bench.dense_yardstick import DenseGraph, build
+def dense_rows(
+    loaded: LoadedModel, sets: dict[str, list[list[int]]], repeats: int, threads: int, graphs: dict[str, Path]
+) -> list:
+    from service.bench.dense_yardstick import DenseGraph
 
-    base = loaded.folder.training.get("base")
-    if not base:
-        return []
-    graphs = build(base, len(loaded.folder.labels), work / "dense")
     rows = []
     for precision, graph in graphs.items():
         g = DenseGraph(graph, loaded.tokenizer.pad_id, threads)
@@ -106,31 +111,102 @@ def dense_rows(loaded: LoadedModel, sets: dict[str, list[list[int]]], repeats: i
     return rows
 
 
-def compare(loaded: LoadedModel, n_texts: int, repeats: int, threads: int, export: bool = True) -> dict[str, Any]:
-    """All rows, and the ratios the MoE is judged by."""
+def dense_graphs(loaded: LoadedModel, work: Path) -> dict[str, Path]:
+    """The dense yardstick graphs of the folder's base (none for a model trained from scratch)."""
+    from service.bench.dense_yardstick import build
+
+    base = loaded.folder.training.get("base")
+    return build(base, len(loaded.folder.labels), work / "dense") if base else {}
+
+
+def compare(loaded: LoadedModel, n_texts: int, repeats: int, threads: int, work: Path) -> dict[str, Any]:
+    """Every engine row on the same texts, and the ratios the MoE is judged by."""
     from service.modeling.onnx_export import export_model
 
     sets = text_sets(loaded, n_texts)
-    model_dir = loaded.folder.path
-    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp:
-        work = Path(tmp)
-        moe_dir = model_dir
-        if export and not (model_dir / "model.int8.onnx").is_file():
-            moe_dir = work / "moe"
-            shutil.copytree(model_dir, moe_dir)
-            export_model(moe_dir, int8=True)
-        dense_dir = all_experts_copy(moe_dir, work / "all-experts")
-        if export:
-            export_model(dense_dir, int8=True)
-        rows = variant_rows("moe", moe_dir, sets, repeats, threads)
-        rows += variant_rows("all-experts", dense_dir, sets, repeats, threads)
-        rows += dense_rows(loaded, sets, repeats, threads, work)
+    moe_dir = work / "moe"  # a copy, so the bench never writes into the model folder
+    shutil.copytree(loaded.folder.path, moe_dir)
+    if not (moe_dir / "model.int8.onnx").is_file():
+        export_model(moe_dir, int8=True)
+    dense_dir = all_experts_copy(moe_dir, work / "all-experts")
+    export_model(dense_dir, int8=True)
+    rows = variant_rows("moe", moe_dir, sets, repeats, threads)
+    rows += variant_rows("all-experts", dense_dir, sets, repeats, threads)
+    rows += dense_rows(loaded, sets, repeats, threads, dense_graphs(loaded, work))
     return {
         "texts": {k: len(v) for k, v in sets.items()},
         "mean_tokens": _mean_tokens(sets),
         "rows": rows,
         "ratios": ratios(rows),
     }
+
+
+def served_rows(
+    loaded: LoadedModel, cfg: dict[str, Any], threads: int, work: Path, out_dir: Path
+) -> list[dict[str, Any]]:
+    """moe-serve (the folder's own serving choice) and the dense yardstick servers, one after another, under the
+    same wrk load on the same headline and article bodies; each point the run with the median throughput."""
+    from service.bench import served
+
+    texts = _raw_texts(cfg["n_texts"])
+    bodies = {k: [orjson.dumps({"inputs": t}) for t in v] for k, v in texts.items()}
+    servers = {"moe-serve": lambda log: served.start_server("moe-serve", loaded.folder.path, threads, log)}
+    for precision, graph in dense_graphs_in(work).items():
+        servers[f"dense-ort {precision}"] = functools.partial(_dense_server, graph, loaded, threads)
+    rows = []
+    for name, start in servers.items():
+        with start(out_dir / f"{name.replace(' ', '-')}.log") as url:
+            classify = f"{url}/v1/classify"
+            served.closed_loop(classify, bodies["headline"], 64, 1.0, name, "headline", out_dir)  # warm-up
+            for kind, c in itertools.product(bodies, cfg["concurrency"]):
+                runs = [
+                    served.closed_loop(classify, bodies[kind], c, cfg["seconds"], name, kind, out_dir)
+                    for _ in range(cfg["served_runs"])
+                ]
+                r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
+                rows.append({**asdict(r), "rps_all_runs": [x.rps for x in runs]})
+                log.info("%s %s c=%d: %.1f req/s p50 %.2f ms", name, kind, c, r.rps, r.p50_ms)
+    return rows
+
+
+def dense_graphs_in(work: Path) -> dict[str, Path]:
+    """The yardstick graphs `compare` built (none for a model trained from scratch)."""
+    graphs = {p: work / "dense" / f"dense.{p}.onnx" for p in ("fp32", "int8")}
+    return {p: g for p, g in graphs.items() if g.is_file()}
+
+
+def _dense_server(graph: Path, loaded: LoadedModel, threads: int, log_path: Path) -> Any:
+    from service.bench import served
+
+    port = served.free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.bench.dense_server",
+        str(graph),
+        str(loaded.folder.path / TOKENIZER_FILE),
+        str(loaded.folder.config.max_length),
+        str(port),
+        str(threads),
+    ]
+    return served.server_process(cmd, dict(os.environ), port, log_path)
+
+
+def _raw_texts(n: int) -> dict[str, list[str]]:
+    from service.training.data import load_dataset
+    from service.training.evaluate import headline
+
+    test = load_dataset("bbc-news")["test"][:n]
+    return {"headline": [headline(e.text) for e in test], "article": [e.text for e in test]}
+
+
+def run(loaded: LoadedModel, cfg: dict[str, Any], threads: int, out_dir: Path, skip_served: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp:
+        work = Path(tmp)
+        result = compare(loaded, cfg["n_texts"], cfg["repeats"], threads, work)
+        if not skip_served:
+            result["served"] = served_rows(loaded, cfg, threads, work, out_dir)
+    return result
 
 
 def _mean_tokens(sets: dict[str, list[list[int]]]) -> dict[str, float]:
@@ -190,5 +266,28 @@ def markdown(r: dict[str, Any]) -> list[str]:
             "| best MoE / best dense-ort | "
             + " | ".join(f"{best[k]['ratio']}x ({best[k]['moe']} / {best[k]['dense']})" for k in REGIMES)
             + " |"
+        )
+    return lines
+
+
+def served_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "### Served: moe-serve against the dense yardstick servers (wrk, the same headline and article bodies)",
+        "",
+        "| server | texts | connections | req/s | p50 ms | p99 ms | errors | req/s, each run | moe-serve / this |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    ours = {(r["texts"], r["concurrency"]): r for r in rows if r["server"] == "moe-serve"}
+    for r in rows:
+        mine = ours.get((r["texts"], r["concurrency"]))
+        # throughput ratio at many connections, latency ratio (theirs / ours) alone: above 1 means moe-serve wins
+        vs = ""
+        if mine and r["server"] != "moe-serve":
+            vs = f"{mine['rps'] / r['rps']:.2f}x req/s, {r['p50_ms'] / mine['p50_ms']:.2f}x p50"
+        each = ", ".join(str(x) for x in r["rps_all_runs"])
+        lines.append(
+            f"| {r['server']} | {r['texts']} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} "
+            f"| {r['errors']} | {each} | {vs} |"
         )
     return lines

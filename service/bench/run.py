@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 import torch
 
+from service.bench import dense_vs_moe, served
 from service.bench import engine as eng
-from service.bench import served
-from service.bench.backends import SATURATED, measure_variants
+from service.bench.backends import REGIMES, SATURATED, measure_variants
 from service.modeling.artifacts import load_model
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ MODES = {
         "texts": ["short"],
         "seconds": 4.0,
         "served_runs": 1,
+        "n_texts": 48,
     },
     "full": {
         "short": 512,
@@ -41,6 +42,7 @@ MODES = {
         "texts": ["short", "mix"],
         "seconds": 5.0,
         "served_runs": 3,
+        "n_texts": 128,
     },
 }
 
@@ -99,6 +101,8 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
     log.info("backends")  # the variant table's CPU rows whose files are there (ONNX: after `moe-serve export`)
     results["backends"] = measure_variants(Path(model_dir), sets["mix"], None, cfg["repeats"])
 
+    log.info("the MoE against its dense original")
+    results["dense_vs_moe"] = dense_vs_moe.run(bundle, cfg, threads, out_dir, skip_served)
     if not skip_served:
         results["served_backend"] = served.backend_figures(Path(model_dir), threads, sets["short"])
         results["served"], results["lone_request"] = served_runs(Path(model_dir), bundle, sets, cfg, threads, out_dir)
@@ -210,6 +214,9 @@ def markdown(r: dict[str, Any]) -> str:
             + f" | {row['gflops']} | {row['expert_gflops']} | {row['peak_share']:.1%} |"
         )
     lines += backends_markdown(r["backends"])
+    if "dense_vs_moe" in r:
+        lines += dense_vs_moe.markdown(r["dense_vs_moe"])
+        lines += dense_vs_moe.served_markdown(r["dense_vs_moe"].get("served", []))
     if "served" in r:
         lines += served_markdown(r)
     lines += ["", f"Total bench time: {r['seconds']} s.", ""]
@@ -247,16 +254,13 @@ def served_markdown(r: dict[str, Any]) -> list[str]:
 def backends_markdown(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
-        f"## Backends (engine, the `mix` texts; batch 1 and batch {SATURATED}; p50/p99 per call)",
+        f"## Backends (engine, the `mix` texts; batch 1, batch {SATURATED} and served-like batches of random sizes; "
+        "p50/p99 per call)",
         "",
-        f"| backend | precision | size MB | batch 1 texts/s | p50 ms | p99 ms | batch {SATURATED} texts/s | p50 ms "
-        "| p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | precision | size MB | " + " | ".join(f"{k} texts/s | p50 ms | p99 ms" for k in REGIMES) + " |",
+        "|---|---|---|" + "---|---|---|" * len(REGIMES),
     ]
     for b in rows:
-        one, sat = b["batch_1"], b[f"batch_{SATURATED}"]
-        lines.append(
-            f"| {b['backend']} | {b['precision']} | {b['size_mb']} | {one['texts_per_s']} | {one['p50_ms']} "
-            f"| {one['p99_ms']} | {sat['texts_per_s']} | {sat['p50_ms']} | {sat['p99_ms']} |"
-        )
+        cells = " | ".join(f"{b[k]['texts_per_s']} | {b[k]['p50_ms']} | {b[k]['p99_ms']}" for k in REGIMES)
+        lines.append(f"| {b['backend']} | {b['precision']} | {b['size_mb']} | {cells} |")
     return lines

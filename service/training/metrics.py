@@ -101,17 +101,22 @@ def expert_by_class(preds: Predictions, y: np.ndarray, labels: Sequence[str]) ->
 
 def parity(ref: Predictions, got: Predictions) -> dict[str, Any]:
     """How far another backend or precision is from the reference on the same texts: largest probability
-    difference, share of identical predictions, share of tokens (over all MoE layers) routed to the same top-k set."""
-    same = total = 0
+    difference, share of identical predictions, share of tokens routed to the same top-k set (over all MoE layers,
+    and per layer: where a precision's rounding starts to move routing)."""
+    per_layer = []
     for ref_layer, got_layer in zip(ref.experts, got.experts, strict=True):
+        same = total = 0
         for a, b in zip(ref_layer, got_layer, strict=True):
             same += int((np.sort(a, axis=1) == np.sort(b, axis=1)).all(axis=1).sum())
             total += len(a)
+        per_layer.append((same, total))
+    same, total = sum(s for s, _ in per_layer), sum(t for _, t in per_layer)
     return {
         "reference": "torch fp32",
         "max_abs_diff": float(np.abs(ref.probs - got.probs).max()),
         "argmax_agreement": round(float(np.mean(ref.probs.argmax(1) == got.probs.argmax(1))), 6),
         "routing_agreement": round(same / max(total, 1), 6),
+        "routing_agreement_per_layer": [round(s / max(t, 1), 4) for s, t in per_layer],
         "texts": len(ref.probs),
     }
 

@@ -55,6 +55,19 @@ def test_onnx_matches_torch_on_new_shapes_and_routing(exported: Path, batch: int
         np.testing.assert_allclose(a.gates, b.gates, atol=TOL, rtol=0)
 
 
+def test_graphs_fuse_attention_and_keep_routers_fp32(exported: Path) -> None:
+    """Self-attention is ONNX Runtime's fused Attention (QAttention in int8, its QKV projection int8); the int8
+    graph's routers stay plain fp32 MatMuls, so routing is not moved by weight rounding."""
+    import onnx
+
+    for graph, attention in ((ONNX_FILE, "Attention"), (ONNX_INT8_FILE, "QAttention")):
+        nodes = onnx.load(str(exported / graph)).graph.node
+        ops = [n.op_type for n in nodes]
+        assert attention in ops and "Softmax" not in ops[: ops.index(attention)], graph
+        routers = [n for n in nodes if "/router/" in n.name]
+        assert routers and {n.op_type for n in routers} == {"MatMul"}, (graph, {n.op_type for n in routers})
+
+
 def test_int8_and_bf16_agree_with_fp32(exported: Path) -> None:
     ref_b = load_backend(exported, "cpu", "torch", precision="fp32")
     seqs = _sequences(40, ref_b.info.architecture["vocab_size"], ref_b.info.max_length, seed=3)
@@ -144,4 +157,6 @@ def test_evaluate_reports_parity_for_another_backend(onnx_models_dir: Path) -> N
     assert got["engine"] == {"backend": "onnx", "precision": "fp32"}
     p = got["parity"]
     assert p["max_abs_diff"] <= TOL and p["argmax_agreement"] == 1.0 and p["routing_agreement"] >= 0.999
+    assert len(p["routing_agreement_per_layer"]) == bundle.model.config.n_layers  # every block is MoE here
+    assert min(p["routing_agreement_per_layer"]) >= 0.999
     assert got["macro_f1"] == ref["macro_f1"] and got["headline"]["macro_f1"] == ref["headline"]["macro_f1"]
