@@ -294,7 +294,7 @@ function renderClasses() {
 function renderStats(routing) {
   const fmt = (v, d = 2) => (v === null || v === undefined ? "–" : v.toFixed(d));
   const head = el("tr");
-  ["layer", "imbalance (max/mean)", "window", "unused experts", "window", "drift KL", "window"].forEach((h) =>
+  ["layer", "imbalance (max/mean)", "in window", "unused experts", "in window", "drift KL", "in window"].forEach((h) =>
     head.append(el("th", {}, h)));
   const rows = routing.since_start.layers.map((total, i) => {
     const recent = routing.window.layers[i];
