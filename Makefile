@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 # Debian tools the tests use: prometheus and promtool (exposition, alert rules and their tests, a real scrape), wrk
-# (light load generator) and docker-compose (checks docker-compose.yml).
+# (light load generator), docker-compose (checks docker-compose.yml) and chromium with chromium-driver (the routing
+# explorer's browser test).
 tools:
 	@bash scripts/install-tools.sh
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian tools the test suite and benchmarks use, if missing: prometheus (promtool checks the /metrics
 # exposition, the alert rules and their unit tests; the server scrapes a real moe-serve in a test), wrk (light load
-# generator) and docker-compose (validates docker-compose.yml). With --image, also what `make image-test` needs:
+# generator), docker-compose (validates docker-compose.yml) and chromium with chromium-driver (the routing explorer's
+# browser test drives a headless chromium through selenium). With --image, also what `make image-test` needs:
 # podman, podman-compose, runc and the CNI dnsname plugin (daemonless containers, no Docker engine needed), debootstrap (a
 # local base image) and curl.
 set -euo pipefail
@@ -10,6 +11,8 @@ command -v promtool >/dev/null || need+=(prometheus)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v wrk >/dev/null || need+=(wrk)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ "${1:-}" = --image ]; then
     command -v podman >/dev/null || need+=(podman)
     command -v podman-compose >/dev/null || need+=(podman-compose)

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.api import v1, v2
+from service.api import explorer, v1, v2
 from service.api.access import RequestContext
 from service.api.common import CLIENT_GONE, JSON, ClientDisconnected, counted_failure, validation_error
 from service.api.fast_route import FastClassify
@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
     metrics.watch_models(lambda: model_readiness(app))
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.include_router(explorer.router)  # GET /explorer: the routing explorer page
     _add_error_handlers(app, metrics)
     _add_ops_routes(app, metrics)
     app.add_middleware(FastClassify, state=app.state)  # the hot route, past FastAPI's machinery

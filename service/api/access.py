@@ -3,7 +3,7 @@
 A pure ASGI middleware in front of every route:
 - `x-request-id`: a client's own id is kept if it is short and plain (letters, digits, `._-`), otherwise one is
   made; it is echoed on the response and written in the access log and in the logs of errors.
-- API key (`MOE_API_KEY`): when set, every route except liveness/readiness, the docs and (unless
+- API key (`MOE_API_KEY`): when set, every route except liveness/readiness, the docs, the explorer page and (unless
   `MOE_METRICS_NEED_KEY`) /metrics needs `Authorization: Bearer <key>`; compared in constant time; 401 otherwise.
 - Access log (`MOE_ACCESS_LOG=json`): one JSON line per request with id, method, path, status, model, duration.
 - Draining (after SIGTERM, service/server.py): every request but health and metrics gets 503 + Connection: close.
@@ -22,12 +22,14 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.common import error_response
+from service.api.explorer import PUBLIC_PATHS as EXPLORER_PATHS
 from service.config import Settings
 from service.errors import ErrorKind, ServiceError
 
 log = logging.getLogger("moe_serve.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 OPEN_PATHS = {"/health", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+OPEN_PATHS |= EXPLORER_PATHS  # the explorer page and its script: no data; its API calls carry the key
 DRAIN_OPEN = {"/health", "/v2/health/live", "/v2/health/ready", "/metrics"}  # still answered while draining
 
 

@@ -137,3 +137,36 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+
+
+# --- GET /v1/models/{model}/experts (service/modeling/expert_profile.py) ------------------------------------------
+
+
+class ClassShare(BaseModel):
+    label: str
+    share: float = Field(description="share of this class's assignments (test split) that went to the expert")
+
+
+class ExpertOut(BaseModel):
+    expert: int
+    training_share: float | None = Field(description="share of the layer's assignments on the validation split")
+    top_classes: list[ClassShare] = Field(description="the classes that rely on this expert most, best first")
+
+
+class ExpertLayerOut(BaseModel):
+    layer: int
+    training_share: list[float] | None = Field(description="per expert: the reference routing drift is measured from")
+    class_share: dict[str, list[float]] | None = Field(
+        description="per true class: the share of its assignments each expert got (eval.json's expert_by_class)"
+    )
+    experts: list[ExpertOut]
+
+
+class ExpertsResponse(BaseModel):
+    model: str
+    num_experts: int
+    top_k: int
+    labels: list[str]
+    training_split: str | None = Field(description="split of routing_profile.json; null when the folder has none")
+    evaluation_split: str | None = Field(description="split of eval.json's expert_by_class; null when none")
+    layers: list[ExpertLayerOut] = Field(description="one per MoE layer; empty when the model was never evaluated")

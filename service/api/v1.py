@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.types import Receive
 
 from service.api.common import JSON, timing_headers, unless_disconnected
-from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody
+from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody, ExpertsResponse
 from service.config import Settings
 from service.engine.handle import EngineHandle, ModelHandle
 from service.engine.results import TextResult
@@ -152,3 +152,18 @@ async def routing(model: str, request: Request) -> JSON:
             **(await worker.routing()),
         }
     )
+
+
+@router.get(
+    "/models/{model}/experts",
+    response_model=ExpertsResponse,
+    responses=ERRORS,
+    summary="What each expert is for, from the model's evaluation: training share and the classes that use it most",
+)
+async def experts(model: str, request: Request) -> JSON:
+    worker = engine_of(request).get(model)
+    request.state.model = worker.name
+    info = worker.info
+    profile = worker.experts or {"training_split": None, "evaluation_split": None, "layers": []}
+    head = {"model": worker.name, "num_experts": info.num_experts, "top_k": info.top_k, "labels": info.labels}
+    return JSON({**head, **profile})

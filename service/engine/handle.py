@@ -19,6 +19,7 @@ class ModelHandle(Protocol):
     name: str
     info: ModelInfo
     evaluation: dict | None  # eval.json's headline figures, read once at load
+    experts: dict | None  # service/modeling/expert_profile.py: each expert's training share and classes, from load
 
     @property
     def kind(self) -> str: ...  # backend: torch | onnx

@@ -21,6 +21,7 @@ from service.engine.handle import lookup
 from service.engine.local_model import LocalModel
 from service.engine.loop import InferenceThread
 from service.metrics import Metrics
+from service.modeling.expert_profile import expert_profile
 from service.modeling.layout import CONFIG_FILE, EVAL_FILE, ROUTING_PROFILE_FILE
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,11 @@ class LocalEngine:
     def _load_one(self, path: Path) -> None:
         s = self.settings
         backend = self.loader(path)
-        profile_file = path / ROUTING_PROFILE_FILE
-        profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
+        profile = read_json(path / ROUTING_PROFILE_FILE)
+        report = read_json(path / EVAL_FILE)
         model = LocalModel(backend, s, self.metrics, self.tokenize_pool, profile)
-        model.evaluation = eval_summary(path)
+        model.evaluation = eval_summary(report)
+        model.experts = expert_profile(report, profile, backend.info.moe_layers, backend.info.num_experts)
         model.warm_up()
         if self.loop == "thread":
             self.threads[model.name] = thread = InferenceThread(model)
@@ -164,12 +166,15 @@ def _public_message(exc: Exception, models_dir: Path) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
-def eval_summary(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """One of a model folder's JSON reports (eval.json, routing_profile.json), or None when the folder has none."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def eval_summary(rep: dict | None) -> dict | None:
     """The headline figures of the folder's eval.json, for /v1/models (read once, at load)."""
-    eval_file = path / EVAL_FILE
-    if not eval_file.is_file():
+    if rep is None:
         return None
-    rep = json.loads(eval_file.read_text())
     summary = {k: rep.get(k) for k in ("dataset", "split", "examples", "accuracy", "macro_f1", "roc_auc")}
     summary["headline_macro_f1"] = (rep.get("headline") or {}).get("macro_f1")
     summary["ece"] = (rep.get("calibration") or {}).get("ece")

@@ -70,6 +70,7 @@ class LocalModel:
         self.pacing = Pacing(settings.max_wait_ms / 1000, settings.keep_warm_s)
         self.ready = False
         self.evaluation: dict | None = None  # eval.json's headline figures, read once at load (LocalEngine)
+        self.experts: dict | None = None  # expert_profile(): training share and classes per expert (LocalEngine)
 
     # -- lifecycle and scheduling (the loop that runs this model calls these) ---------------------------------
     def warm_up(self) -> None:

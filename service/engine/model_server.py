@@ -39,7 +39,13 @@ def configure(sock: zmq.Socket) -> None:
 def describe(engine: LocalEngine) -> dict[str, Any]:
     """What the API process needs to know of the models, sent once when the engine is ready."""
     models = {
-        name: {"info": ipc.info_to_dict(m.info), "kind": m.kind, "device": m.device, "evaluation": m.evaluation}
+        name: {
+            "info": ipc.info_to_dict(m.info),
+            "kind": m.kind,
+            "device": m.device,
+            "evaluation": m.evaluation,
+            "experts": m.experts,
+        }
         for name, m in engine.models.items()
     }
     return {"models": models, "failed": engine.failed, "pid": os.getpid()}

@@ -155,6 +155,7 @@ class RemoteModel:
         self.info: ModelInfo = ipc.info_from_dict(desc["info"])
         self.name = self.info.name
         self.evaluation: dict | None = desc["evaluation"]
+        self.experts: dict | None = desc["experts"]
         self._kind, self._device = desc["kind"], desc["device"]
         s = engine.settings
         self.capacity = s.max_queue_texts + s.max_batch_size  # the queue, and the batch running
