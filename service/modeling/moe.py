@@ -137,12 +137,13 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         """x: packed tokens [T, d]. Returns (output [T, d], routing)."""
         r = self.route(x)
-        if self.graph_dispatch:
+        if self.dispatch == "graph":
             return self.graph_forward(x, r), r
         return self.grouped_forward(x, r), r
 
-    # Set once on a model about to be exported to a graph (service/modeling/onnx_export.py), never per call.
-    graph_dispatch: bool = False
+    # "grouped" (eager), or "graph": the same grouping in graph ops, set once on a model about to be exported
+    # (service/modeling/onnx_export.py), never per call.
+    dispatch: str = "grouped"
 
     def graph_forward(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
         """The grouped dispatch written with graph ops only, for export: a static loop over the E experts, each
@@ -152,11 +153,13 @@ class MoEFeedForward(nn.Module):
         scatters slowly) and a token's k terms are summed in slot order: the same maths, the same rounding."""
         t, k = r.expert_ids.shape
         flat_e = r.expert_ids.reshape(-1)
-        picked = [(flat_e == e).nonzero().squeeze(1) for e in range(self.num_experts)]
+        picked = [(flat_e == e).nonzero().reshape(-1) for e in range(self.num_experts)]  # reshape: no If node
         y_sorted = torch.cat([self.expert_mlp(e, x.index_select(0, a // k)) for e, a in enumerate(picked)])
         order = torch.cat(picked)  # assignment ids grouped by expert, as y_sorted's rows
         inverse = torch.zeros_like(order).scatter(0, order, torch.arange(order.shape[0], device=order.device))
         y = y_sorted.index_select(0, inverse).view(t, k, -1)
+        if self._unit_weights():
+            return y.sum(1)
         return (y * combine_weights(r, self.combine).to(y.dtype).unsqueeze(-1)).sum(1)  # Einsum runs slowly in ORT
 
     def expert_mlp(self, e: int, rows: torch.Tensor) -> torch.Tensor:
@@ -198,7 +201,14 @@ class MoEFeedForward(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         y = y_sorted.index_select(0, inverse).view(t, k, -1)
+        if self._unit_weights():
+            return y.sum(1)  # the same sum as the einsum with weights of exactly 1, without them
         return torch.einsum("tkd,tk->td", y, combine_weights(r, self.combine).to(y.dtype))
+
+    def _unit_weights(self) -> bool:
+        """The "sum" combine without gradients: every weight is exactly 1, so the combine is a plain sum (in a
+        graph, five fewer nodes a layer)."""
+        return self.combine == "sum" and not torch.is_grad_enabled()
 
     def reference_forward(self, x: torch.Tensor, r: RouterOutput | None = None) -> torch.Tensor:
         """Plain maths: every expert on every token, weighted by a dense [T, E] gate matrix (zero off the top-k)."""

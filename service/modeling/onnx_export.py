@@ -75,7 +75,7 @@ class _GraphModel(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).eval().float()
         for layer in self.model.moe_layers:
-            layer.graph_dispatch = True
+            layer.dispatch = "graph"
         for block in self.model.blocks:
             if block.attn is not None:
                 block.attn = _GraphAttention(block.attn)
@@ -131,8 +131,12 @@ def optimise(src: Path, dst: Path) -> Path:
     return dst
 
 
-# The ops whose weights are stored int8 (Attention becomes QAttention: its fused QKV projection in int8).
+# The ops whose weights are stored int8 (Attention becomes QAttention: its fused QKV projection in int8), with a
+# scale per output channel. Measured on bbc-news-minilm-moe's test split against torch fp32: per-tensor scales kept
+# 98.4% of headline labels and 87-98% of routing decisions per layer; per-channel 98.6% and 89-99%, at the same
+# speed. Attention left fp32 keeps 99.1% of headline labels but costs 30-60% more time (64 articles, 64 headlines).
 INT8_OPS = ("MatMul", "Gemm", "Attention")
+PER_CHANNEL = True
 
 
 def router_nodes(path: Path) -> list[str]:
@@ -152,6 +156,7 @@ def quantise_int8(src: Path, dst: Path) -> Path:
         str(src),
         str(dst),
         weight_type=QuantType.QInt8,
+        per_channel=PER_CHANNEL,
         op_types_to_quantize=list(INT8_OPS),
         nodes_to_exclude=router_nodes(src),
         # The contrib Attention node carries no inferred output type: tell the quantiser it is fp32.
