@@ -32,6 +32,9 @@ RUN useradd --system --uid 10001 --gid 0 --home-dir /app --no-create-home moe \
 COPY --from=build /opt/venv /opt/venv
 COPY deploy/docker/entrypoint.sh /usr/local/bin/moe-entrypoint
 COPY models /app/models
+# ONNX graphs are build artefacts derived from the weights, not committed: built here for every baked-in model, so
+# each serves its measured choice (config.json "serving") without writing into the image at run time.
+RUN for m in /app/models/*/; do moe-serve export --model "$m" --quantize int8; done
 WORKDIR /app
 # Models of your own: mount a folder of model folders here; they are served next to the baked-in ones.
 VOLUME ["/models"]
