@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from service import __version__
 from service.api.schemas import InferRequest
 from service.api.v1 import validate_texts
-from service.engine.handle import ModelHandle
+from service.engine.handle import EngineHandle, ModelHandle
 from service.engine.results import ClassifyResult
 from service.errors import ErrorKind, ServiceError
 from service.modeling.probabilities import softmax
@@ -56,6 +56,11 @@ def infer_request(doc: Any) -> InferRequest:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise bad(f"{loc}: {err['msg']}", loc) from None
+
+
+def server_ready(engine: EngineHandle, draining: bool) -> bool:
+    """Every model that loaded is ready (folders that failed are not waited for), and the server is not draining."""
+    return not draining and bool(engine.models) and all(m.ready for m in engine.models.values())
 
 
 def request_texts(req: InferRequest, max_texts: int) -> list[str]:

@@ -22,6 +22,7 @@ from service.api.oip import (
     infer_request,
     output_tensors,
     request_texts,
+    server_ready,
     wanted_outputs,
 )
 from service.api.oip import bad as _bad
@@ -83,7 +84,7 @@ async def live() -> JSON:
 async def ready(request: Request) -> JSON:
     engine = engine_of(request)
     draining = getattr(request.app.state, "draining", False)  # shutting down: send no more traffic here
-    ok = not draining and bool(engine.models) and all(w.ready for w in engine.models.values())
+    ok = server_ready(engine, draining)
     return JSON({"ready": ok, "failed_models": sorted(engine.failed)}, status_code=200 if ok else 503)
 
 
