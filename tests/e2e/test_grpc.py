@@ -5,6 +5,8 @@ sends, and contents.bytes_contents), the errors and their codes, the API key, an
 from __future__ import annotations
 
 import json
+import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from service.bench.served import free_port
-from tests.e2e.conftest import run_server
+from tests.e2e.conftest import run_server, spawn_serve
 
 pytestmark = pytest.mark.slow
 
@@ -164,3 +166,31 @@ def test_metrics_by_protocol(served: tuple[str, str], client: triton.InferenceSe
     assert value("moe_request_duration_seconds_count{", 'protocol="grpc"', route) >= 1
     assert value("moe_request_failures_total{", 'reason="unauthorized"') >= 1
     assert value("moe_texts_total{", f'model="{MODEL}"') >= 1  # the same engine counted the gRPC texts
+
+
+def test_draining_refuses_with_unavailable(tmp_path: Path) -> None:
+    """After SIGTERM, as over HTTP: ServerReady says false, the other methods get UNAVAILABLE (shutting_down), until
+    the drain ends and the process exits 0."""
+    port = free_port()
+    proc, _ = spawn_serve(
+        tmp_path / "server.log",
+        MOE_MODELS_DIR="models",
+        MOE_MODELS=MODEL,
+        MOE_GRPC_PORT=str(port),
+        MOE_SHUTDOWN_DRAIN_S="3",
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerReady(service_pb2.ServerReadyRequest()).ready
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 2
+            while stub.ServerReady(service_pb2.ServerReadyRequest()).ready and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not stub.ServerReady(service_pb2.ServerReadyRequest()).ready
+            err = _rpc_error(lambda: stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=MODEL)))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and _trailers(err)["moe-error-type"] == "shutting_down"
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
