@@ -179,7 +179,9 @@ check_container() {
 
     curl -fsS "$url/v1/models" | grep -q '"mine"' || fail "the model mounted at /models is not served"
     log "served models: $(curl -fsS "$url/v1/models" | python3 -c 'import json,sys; print(sorted(m["name"] for m in json.load(sys.stdin)["models"]))')"
-    curl -fsS "$url/metrics" | grep -q '^moe_requests_total{' || fail "/metrics has no moe_requests_total"
+    # Saved first: grep -q stops reading at its match, and curl writing on into the closed pipe fails the pipeline.
+    curl -fsS -o "$WORK/metrics.txt" "$url/metrics" || fail "/metrics"
+    grep -q '^moe_requests_total{' "$WORK/metrics.txt" || fail "/metrics has no moe_requests_total"
 
     local uid threads
     uid=$($ENGINE exec "$NAME" id -u)
@@ -239,15 +241,18 @@ PY
 }
 
 check_kube() {
-    local file url t0 probe body state
+    local file url t0 probe body state pod
     KUBE_HTTP=$(free_port) KUBE_GRPC=$(free_port)
     file=$(kube_file)
     KUBE_FILE=$file
     url=http://127.0.0.1:$KUBE_HTTP
     $ENGINE kube play "$file" >"$WORK/kube.log" 2>&1 || { cat "$WORK/kube.log"; fail "podman kube play"; }
+    pod=$(awk '/^Pod:/ {getline; print; exit}' "$WORK/kube.log")  # its name varies across podman versions
+    [ -n "$pod" ] || { cat "$WORK/kube.log"; fail "kube play: no pod"; }
     t0=$SECONDS
-    wait_ready "$url" 180 || { $ENGINE pod logs moe-serve-pod 2>&1 | tail -30; fail "kube: pod not ready in 180 s"; }
-    state=$($ENGINE pod inspect --format '{{.State}}' moe-serve-pod)
+    wait_ready "$url" 180 || { $ENGINE logs "$($ENGINE pod inspect --format '{{range .Containers}}{{.Name}} {{end}}' \
+        "$pod" | tr ' ' '\n' | grep -v infra | head -1)" 2>&1 | tail -30; fail "kube: pod not ready in 180 s"; }
+    state=$($ENGINE pod inspect --format '{{.State}}' "$pod")
     [ "$state" = Running ] || fail "kube: pod is $state"
     # The probes' own endpoints, read from the manifest played
     for probe in $(cat "$WORK/kube-probes"); do
