@@ -52,6 +52,7 @@ pick_engine() {
         return
     fi
     command -v podman >/dev/null || bash scripts/install-tools.sh --image
+    command -v catatonit >/dev/null || [ -x /usr/libexec/podman/catatonit ] || bash scripts/install-tools.sh --image
     ENGINE=podman
     BUILD_ARGS=(--format docker)  # the OCI format has no HEALTHCHECK
     # Inside an unprivileged sandbox podman cannot raise ulimits or set a pids cgroup limit: switch both off, for
@@ -213,7 +214,9 @@ check_healthcheck() {
 # --- Kubernetes: deploy/kubernetes/deployment.yaml's pod under `podman kube play` --------------------------------
 # The Deployment as written (security context, read-only root, emptyDir volumes, env from the CPU limit, probes),
 # with what this machine needs: the image just built, one replica, and host networking on free ports (a rootful
-# bridge needs iptables rights a sandbox may not give), so the named ports are renumbered. podman runs the pod only:
+# bridge needs iptables rights a sandbox may not give): the server's ports come from MOE_PORT / MOE_GRPC_PORT, the
+# named ports become those numbers in the probes, and the port list goes (podman would map it, refused on the host
+# network). podman runs the pod only:
 # the Service, HPA, PDB and the probes' effect on traffic are not run here (tests/integration/test_deploy.py
 # validates them against the Kubernetes schemas, tests/unit/test_deploy.py checks that they fit together).
 kube_file() {
@@ -229,8 +232,9 @@ pod["hostNetwork"] = True
 c = pod["containers"][0]
 c["image"] = tag
 ports = {"http": int(http), "grpc": int(grpc)}
-for p in c["ports"]:
-    p["containerPort"] = ports[p["name"]]
+assert {p["name"] for p in c.pop("ports")} == set(ports)  # podman maps declared ports, which host networking refuses
+for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    c[probe]["httpGet"]["port"] = ports[c[probe]["httpGet"]["port"]]
 c["env"] = [e for e in c["env"] if e["name"] not in ("MOE_PORT", "MOE_GRPC_PORT")]
 c["env"] += [{"name": "MOE_PORT", "value": http}, {"name": "MOE_GRPC_PORT", "value": grpc}]
 print(yaml.safe_dump(d, sort_keys=False))
@@ -250,17 +254,24 @@ check_kube() {
     pod=$(awk '/^Pod:/ {getline; print; exit}' "$WORK/kube.log")  # its name varies across podman versions
     [ -n "$pod" ] || { cat "$WORK/kube.log"; fail "kube play: no pod"; }
     t0=$SECONDS
-    wait_ready "$url" 180 || { $ENGINE logs "$($ENGINE pod inspect --format '{{range .Containers}}{{.Name}} {{end}}' \
-        "$pod" | tr ' ' '\n' | grep -v infra | head -1)" 2>&1 | tail -30; fail "kube: pod not ready in 180 s"; }
+    wait_ready "$url" 180 || { $ENGINE pod logs "$pod" 2>&1 | tail -30; fail "kube: pod not ready in 180 s"; }
     state=$($ENGINE pod inspect --format '{{.State}}' "$pod")
     [ "$state" = Running ] || fail "kube: pod is $state"
+    # What the manifest sets, seen inside: its user, MOE_THREADS from the CPU limit (downward API), a read-only root
+    local ctr uid threads
+    ctr=$($ENGINE pod inspect --format '{{range .Containers}}{{.Name}} {{end}}' "$pod" | tr ' ' '\n' | grep -v infra | head -1)
+    uid=$($ENGINE exec "$ctr" id -u)
+    threads=$($ENGINE exec "$ctr" sh -c 'echo "$MOE_THREADS"')
+    [ "$uid" = 10001 ] && [ "$threads" = 2 ] || fail "kube: uid $uid, MOE_THREADS=$threads (want 10001, 2)"
+    $ENGINE exec "$ctr" touch /probe-write 2>/dev/null && fail "kube: the root filesystem is writable"
     # The probes' own endpoints, read from the manifest played
     for probe in $(cat "$WORK/kube-probes"); do
         curl -fsS -o /dev/null "$url$probe" || fail "kube: probe $probe does not answer 200"
     done
     body=$(curl -fsS "$url/v1/classify" -H 'content-type: application/json' \
         -d '{"inputs": "The striker scored twice in the cup final."}') || fail "kube: prediction"
-    log "kube play: pod $state, ready in $((SECONDS - t0)) s, probes answer, prediction:" \
+    log "kube play: pod $state, ready in $((SECONDS - t0)) s, uid $uid, MOE_THREADS=$threads, read-only root," \
+        "probes ($(cat "$WORK/kube-probes")) answer 200, prediction:" \
         "$(python3 -c 'import json,sys; p=json.loads(sys.argv[1])["predictions"][0]; print(p["label"], round(p["score"], 4))' "$body")"
     check_kube_grpc
     $ENGINE kube down "$file" >/dev/null 2>&1 || fail "kube down"
