@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the real Dockerfile, runs the image and checks it: readiness, one prediction, /metrics, the non-root user,
-# the HEALTHCHECK, thread defaults from a CPU limit and models mounted at /models; then, where podman-compose is
-# there, brings up moe-serve and Prometheus from docker-compose.yml and checks that Prometheus scrapes it.
+# the HEALTHCHECK, thread defaults from a CPU limit and models mounted at /models; with podman, plays
+# deploy/kubernetes/deployment.yaml's pod (`podman kube play`: it starts, its probes' endpoints answer, a prediction
+# comes back; then `podman kube down`); then, where podman-compose is there, brings up moe-serve and Prometheus from
+# docker-compose.yml and checks that Prometheus scrapes it.
 # Uses docker when an engine answers, podman otherwise (installed with apt-get if missing). Where no image registry
 # can be reached, the base image is made locally (debootstrap) and torch comes from the wheel on this machine's disk;
 # the Dockerfile itself stays as every Docker user builds it. Removes the containers it started; the built images
@@ -31,6 +33,7 @@ cleanup() {
         $ENGINE network rm "${PROJECT}_default" >/dev/null 2>&1
     fi
     ${ENGINE:-true} rm -f -v "$NAME" >/dev/null 2>&1
+    [ -n "${KUBE_FILE:-}" ] && $ENGINE kube down "$KUBE_FILE" >/dev/null 2>&1
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     if [ "${IMAGE_TEST_CLEAN:-0}" = 1 ]; then
         ${ENGINE:-true} rmi -f "$TAG" "$PROM_TAG" >/dev/null 2>&1
@@ -49,6 +52,7 @@ pick_engine() {
         return
     fi
     command -v podman >/dev/null || bash scripts/install-tools.sh --image
+    command -v catatonit >/dev/null || [ -x /usr/libexec/podman/catatonit ] || bash scripts/install-tools.sh --image
     ENGINE=podman
     BUILD_ARGS=(--format docker)  # the OCI format has no HEALTHCHECK
     # Inside an unprivileged sandbox podman cannot raise ulimits or set a pids cgroup limit: switch both off, for
@@ -176,7 +180,9 @@ check_container() {
 
     curl -fsS "$url/v1/models" | grep -q '"mine"' || fail "the model mounted at /models is not served"
     log "served models: $(curl -fsS "$url/v1/models" | python3 -c 'import json,sys; print(sorted(m["name"] for m in json.load(sys.stdin)["models"]))')"
-    curl -fsS "$url/metrics" | grep -q '^moe_requests_total{' || fail "/metrics has no moe_requests_total"
+    # Saved first: grep -q stops reading at its match, and curl writing on into the closed pipe fails the pipeline.
+    curl -fsS -o "$WORK/metrics.txt" "$url/metrics" || fail "/metrics"
+    grep -q '^moe_requests_total{' "$WORK/metrics.txt" || fail "/metrics has no moe_requests_total"
 
     local uid threads
     uid=$($ENGINE exec "$NAME" id -u)
@@ -203,6 +209,87 @@ check_healthcheck() {
         done
     fi
     log "HEALTHCHECK: healthy"
+}
+
+# --- Kubernetes: deploy/kubernetes/deployment.yaml's pod under `podman kube play` --------------------------------
+# The Deployment as written (security context, read-only root, emptyDir volumes, env from the CPU limit, probes),
+# with what this machine needs: the image just built, one replica, and host networking on free ports (a rootful
+# bridge needs iptables rights a sandbox may not give): the server's ports come from MOE_PORT / MOE_GRPC_PORT, the
+# named ports become those numbers in the probes, and the port list goes (podman would map it, refused on the host
+# network). podman runs the pod only:
+# the Service, HPA, PDB and the probes' effect on traffic are not run here (tests/integration/test_deploy.py
+# validates them against the Kubernetes schemas, tests/unit/test_deploy.py checks that they fit together).
+kube_file() {
+    local out=$WORK/kube.yml py=/usr/bin/python3
+    [ -x "$py" ] || py=python3
+    "$py" - "$TAG" "$KUBE_HTTP" "$KUBE_GRPC" "$PWD" "$WORK" > "$out" <<'PY'
+import sys, yaml
+tag, http, grpc, root = sys.argv[1:5]
+d = yaml.safe_load(open(f"{root}/deploy/kubernetes/deployment.yaml"))
+d["spec"]["replicas"] = 1
+pod = d["spec"]["template"]["spec"]
+pod["hostNetwork"] = True
+c = pod["containers"][0]
+c["image"] = tag
+ports = {"http": int(http), "grpc": int(grpc)}
+assert {p["name"] for p in c.pop("ports")} == set(ports)  # podman maps declared ports, which host networking refuses
+for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    c[probe]["httpGet"]["port"] = ports[c[probe]["httpGet"]["port"]]
+c["env"] = [e for e in c["env"] if e["name"] not in ("MOE_PORT", "MOE_GRPC_PORT")]
+c["env"] += [{"name": "MOE_PORT", "value": http}, {"name": "MOE_GRPC_PORT", "value": grpc}]
+print(yaml.safe_dump(d, sort_keys=False))
+with open(f"{sys.argv[5]}/kube-probes", "w") as f:  # the paths the probes ask, to check they answer
+    f.write(" ".join(sorted({c[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")})))
+PY
+    echo "$out"
+}
+
+check_kube() {
+    local file url t0 probe body state pod
+    KUBE_HTTP=$(free_port) KUBE_GRPC=$(free_port)
+    file=$(kube_file)
+    KUBE_FILE=$file
+    url=http://127.0.0.1:$KUBE_HTTP
+    $ENGINE kube play "$file" >"$WORK/kube.log" 2>&1 || { cat "$WORK/kube.log"; fail "podman kube play"; }
+    pod=$(awk '/^Pod:/ {getline; print; exit}' "$WORK/kube.log")  # its name varies across podman versions
+    [ -n "$pod" ] || { cat "$WORK/kube.log"; fail "kube play: no pod"; }
+    t0=$SECONDS
+    wait_ready "$url" 180 || { $ENGINE pod logs "$pod" 2>&1 | tail -30; fail "kube: pod not ready in 180 s"; }
+    state=$($ENGINE pod inspect --format '{{.State}}' "$pod")
+    [ "$state" = Running ] || fail "kube: pod is $state"
+    # What the manifest sets, seen inside: its user, MOE_THREADS from the CPU limit (downward API), a read-only root
+    local ctr uid threads
+    ctr=$($ENGINE pod inspect --format '{{range .Containers}}{{.Name}} {{end}}' "$pod" | tr ' ' '\n' | grep -v infra | head -1)
+    uid=$($ENGINE exec "$ctr" id -u)
+    threads=$($ENGINE exec "$ctr" sh -c 'echo "$MOE_THREADS"')
+    [ "$uid" = 10001 ] && [ "$threads" = 2 ] || fail "kube: uid $uid, MOE_THREADS=$threads (want 10001, 2)"
+    $ENGINE exec "$ctr" touch /probe-write 2>/dev/null && fail "kube: the root filesystem is writable"
+    # The probes' own endpoints, read from the manifest played
+    for probe in $(cat "$WORK/kube-probes"); do
+        curl -fsS -o /dev/null "$url$probe" || fail "kube: probe $probe does not answer 200"
+    done
+    body=$(curl -fsS "$url/v1/classify" -H 'content-type: application/json' \
+        -d '{"inputs": "The striker scored twice in the cup final."}') || fail "kube: prediction"
+    log "kube play: pod $state, ready in $((SECONDS - t0)) s, uid $uid, MOE_THREADS=$threads, read-only root," \
+        "probes ($(cat "$WORK/kube-probes")) answer 200, prediction:" \
+        "$(python3 -c 'import json,sys; p=json.loads(sys.argv[1])["predictions"][0]; print(p["label"], round(p["score"], 4))' "$body")"
+    check_kube_grpc
+    $ENGINE kube down "$file" >/dev/null 2>&1 || fail "kube down"
+    KUBE_FILE=""
+    log "kube play: torn down"
+}
+
+check_kube_grpc() {  # where a Python with tritonclient[grpc] is at hand (the project's venv): one gRPC inference
+    local py=${PYTHON:-.venv/bin/python}
+    "$py" -c 'import tritonclient.grpc' 2>/dev/null || { log "kube play: gRPC not checked (no tritonclient here)"; return; }
+    "$py" - "127.0.0.1:$KUBE_GRPC" <<'PY' | sed 's/^/[image-test] kube play: gRPC ModelInfer: /' >&2 || fail "kube: gRPC"
+import sys, numpy as np, tritonclient.grpc as g
+c = g.InferenceServerClient(sys.argv[1])
+assert c.is_server_ready()
+t = g.InferInput("text", [1], "BYTES")
+t.set_data_from_numpy(np.array([b"Shares rose after profits beat forecasts."], dtype=object))
+print(c.infer("bbc-news-minilm-moe", [t]).as_numpy("label")[0].decode())
+PY
 }
 
 # --- compose: moe-serve and Prometheus as docker-compose.yml declares them -----------------------------------------
@@ -293,6 +380,9 @@ main() {
     log "engine: $($ENGINE --version)"
     build
     check_container
+    if [ "$ENGINE" = podman ] && [ "${IMAGE_TEST_KUBE:-1}" = 1 ]; then
+        check_kube
+    fi
     if [ "${IMAGE_TEST_COMPOSE:-1}" = 1 ]; then
         check_compose
     fi

@@ -3,8 +3,8 @@
 # exposition, the alert rules and their unit tests; the server scrapes a real moe-serve in a test), wrk (light load
 # generator), docker-compose (validates docker-compose.yml) and chromium with chromium-driver (the routing explorer's
 # browser test drives a headless chromium through selenium). With --image, also what `make image-test` needs:
-# podman, podman-compose, runc and the CNI dnsname plugin (daemonless containers, no Docker engine needed), debootstrap (a
-# local base image) and curl.
+# podman, podman-compose, runc and the CNI dnsname plugin (daemonless containers, no Docker engine needed), catatonit
+# (a pod's pause process, for podman kube play), debootstrap (a local base image) and curl.
 set -euo pipefail
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
@@ -21,6 +21,8 @@ if [ "${1:-}" = --image ]; then
     command -v debootstrap >/dev/null || need+=(debootstrap)
     command -v runc >/dev/null || need+=(runc)  # for hosts with hybrid cgroups, which crun refuses
     command -v curl >/dev/null || need+=(curl)
+    # the pause process of a pod's infra container, which `podman kube play` builds locally when no registry answers
+    command -v catatonit >/dev/null || [ -x /usr/libexec/podman/catatonit ] || need+=(catatonit)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""

@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +28,9 @@ from service.engine.local_engine import BackendLoader, LocalEngine
 from service.engine.remote import RemoteEngine
 from service.errors import FRAMEWORK_ERRORS, ErrorKind, ServiceError
 from service.metrics import CONTENT_TYPE, Metrics
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +83,8 @@ class BodyLimitAndMetrics:
         path = getattr(route, "path", "unmatched")
         if path != "/metrics":
             model = scope.get("state", {}).get("model", "")
-            self.metrics.requests.labels(model, path, str(status)).inc()
-            self.metrics.request_duration.labels(model, path).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(model, path, str(status), "http").inc()
+            self.metrics.request_duration.labels(model, path, "http").observe(time.perf_counter() - t0)
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -140,10 +144,19 @@ def _engine_lifespan(
         # and exit non-zero (engine.fatal) for the orchestrator to restart the process.
         stop = getattr(app.state, "stop_server", None) or (lambda: os.kill(os.getpid(), signal.SIGTERM))
         engine.watch(lambda _: stop())
+        grpc_server = await _start_grpc(app) if settings.grpc_port is not None else None
         yield
+        if grpc_server is not None:  # uvicorn has drained HTTP by now; gRPC calls in flight get the same grace
+            await grpc_server.stop(settings.shutdown_grace_s)
         await engine.close()
 
     return lifespan
+
+
+async def _start_grpc(app: FastAPI) -> grpc.aio.Server:
+    from service.api.grpc_v2.server import start  # grpc is imported only where it is served
+
+    return await start(app.state)
 
 
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:

@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="model used when a request names none (default: the first)")
     host: str = Field("127.0.0.1", description="bind address (the Docker image sets 0.0.0.0)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService) on this port, "
+        "same host (default: off)",
+    )
 
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="intra-op threads of torch / onnxruntime (default: theirs)")

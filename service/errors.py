@@ -1,4 +1,4 @@
-"""Service errors and the one table that maps them to HTTP statuses.
+"""Service errors and the one table that maps them to HTTP statuses (and to gRPC status codes).
 
 Every error response has the same body: {"error": message, "type": kind, "field"?: location}. The "error" string
 is what the Open Inference Protocol v2 asks for; "type" and "field" let clients act without parsing prose.
@@ -42,6 +42,24 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.UNAUTHORIZED: 401,
     ErrorKind.SHUTTING_DOWN: 503,
     ErrorKind.INTERNAL: 500,
+}
+
+# The same kinds over gRPC (service/api/grpc_v2): names of grpc.StatusCode members, so this table imports no grpc.
+GRPC_STATUS: dict[ErrorKind, str] = {
+    ErrorKind.VALIDATION: "INVALID_ARGUMENT",
+    ErrorKind.INPUT_TOO_LONG: "INVALID_ARGUMENT",
+    ErrorKind.MODEL_NOT_FOUND: "NOT_FOUND",
+    ErrorKind.NOT_FOUND: "NOT_FOUND",
+    ErrorKind.MODEL_NOT_READY: "UNAVAILABLE",
+    ErrorKind.PAYLOAD_TOO_LARGE: "RESOURCE_EXHAUSTED",  # what gRPC itself answers to a message over its limit
+    ErrorKind.QUEUE_FULL: "RESOURCE_EXHAUSTED",  # with retry-after-ms in the trailing metadata
+    ErrorKind.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+    ErrorKind.REQUEST_TIMEOUT: "DEADLINE_EXCEEDED",
+    ErrorKind.MODEL_FAILED: "UNAVAILABLE",
+    ErrorKind.CLIENT_GONE: "CANCELLED",
+    ErrorKind.UNAUTHORIZED: "UNAUTHENTICATED",
+    ErrorKind.SHUTTING_DOWN: "UNAVAILABLE",
+    ErrorKind.INTERNAL: "INTERNAL",
 }
 
 # Statuses raised by the web framework itself (unknown route, streamed body over the limit) -> our error kinds.

@@ -114,14 +114,20 @@ class Metrics:
 
     def _http_metrics(self) -> None:
         r = self.registry
+        # protocol: http or grpc. A gRPC call's route is its method path (/inference.GRPCInferenceService/ModelInfer)
+        # and its status the HTTP status of its error kind (service/errors.py), so one status vocabulary (and the
+        # alerts' "5..") covers both protocols.
         self.requests = Counter(
-            "moe_requests", "HTTP requests by model, route and status code.", ["model", "route", "status"], registry=r
+            "moe_requests",
+            "Requests by model, route, status code and protocol.",
+            ["model", "route", "status", "protocol"],
+            registry=r,
         )
         self.failures = Counter("moe_request_failures", "Failed requests by reason.", ["model", "reason"], registry=r)
         self.request_duration = Histogram(
             "moe_request_duration_seconds",
             "Request time from receipt to response.",
-            ["model", "route"],
+            ["model", "route", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

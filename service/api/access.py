@@ -33,6 +33,12 @@ OPEN_PATHS |= EXPLORER_PATHS  # the explorer page and its script: no data; its A
 DRAIN_OPEN = {"/health", "/v2/health/live", "/v2/health/ready", "/metrics"}  # still answered while draining
 
 
+def bearer_matches(authorization: bytes, key: bytes) -> bool:
+    """`Bearer <key>` (HTTP's Authorization header, gRPC's authorization metadata), compared in constant time."""
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
 def request_id(scope: Scope) -> str:
     given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
     return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
@@ -49,9 +55,7 @@ class RequestContext:
     def authorised(self, scope: Scope) -> bool:
         if self.key is None or scope["path"] in self.open:
             return True
-        auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        scheme, _, token = auth.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        return bearer_matches(next((v for k, v in scope["headers"] if k == b"authorization"), b""), self.key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -8,45 +8,29 @@ what tritonclient sends by default. Outputs, always as JSON: `label` (BYTES, [n]
 
 from __future__ import annotations
 
-import struct
 import time
 from typing import Any
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 
-from service import __version__
 from service.api.common import JSON, timing_headers, unless_disconnected
+from service.api.oip import (
+    SERVER_NAME,
+    SERVER_VERSION,
+    decode_bytes_tensor,
+    infer_request,
+    output_tensors,
+    request_texts,
+    server_ready,
+    wanted_outputs,
+)
+from service.api.oip import bad as _bad
+from service.api.oip import model_metadata as oip_model_metadata
 from service.api.schemas import InferRequest, InferResponse, ModelMetadata
-from service.api.v1 import ERRORS, engine_of, settings_of, softmax, validate_texts
-from service.errors import ErrorKind, ServiceError
+from service.api.v1 import ERRORS, engine_of, settings_of
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
-INPUT_NAME = "text"
-OUTPUTS = ("label", "probabilities")
-
-
-def _bad(message: str, field: str | None = None) -> ServiceError:
-    return ServiceError(ErrorKind.VALIDATION, message, field=field)
-
-
-def _decode_bytes_tensor(raw: bytes) -> list[str]:
-    out, pos = [], 0
-    while pos < len(raw):
-        if pos + 4 > len(raw):
-            raise _bad("binary BYTES tensor is truncated", "inputs[0]")
-        (n,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        if pos + n > len(raw):
-            raise _bad("binary BYTES tensor is truncated", "inputs[0]")
-        try:
-            out.append(raw[pos : pos + n].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise _bad("binary BYTES element is not valid UTF-8", "inputs[0]") from None
-        pos += n
-    return out
 
 
 async def _parse(request: Request) -> InferRequest:
@@ -62,13 +46,10 @@ async def _parse(request: Request) -> InferRequest:
             raise _bad("Inference-Header-Content-Length is larger than the body")
         body, binary = body[:n], body[n:]
     try:
-        parsed = InferRequest.model_validate(orjson.loads(body))
+        doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise _bad(f"{loc}: {err['msg']}", loc) from None
+    parsed = infer_request(doc)
     for i, t in enumerate(parsed.inputs):
         size = (t.parameters or {}).get("binary_data_size")
         if size is None:
@@ -79,37 +60,15 @@ async def _parse(request: Request) -> InferRequest:
                 "of binary data",
                 f"inputs[{i}].parameters.binary_data_size",
             )
-        t.data, binary = _decode_bytes_tensor(binary[:size]), binary[size:]
+        t.data, binary = decode_bytes_tensor(binary[:size]), binary[size:]
     if binary:
         raise _bad(f"{len(binary)} bytes of binary data are not claimed by any input's binary_data_size")
     return parsed
 
 
-def _texts(req: InferRequest, max_texts: int) -> list[str]:
-    if len(req.inputs) != 1:
-        raise _bad(f"expected exactly one input tensor ({INPUT_NAME!r}), got {len(req.inputs)}", "inputs")
-    t = req.inputs[0]
-    if t.datatype != "BYTES":
-        raise _bad(f"input {t.name!r} must have datatype BYTES, got {t.datatype}", "inputs[0].datatype")
-    if t.data is None:
-        raise _bad(f"input {t.name!r} has no data", "inputs[0].data")
-    data = t.data
-    if any(isinstance(x, list) for x in data):  # nested [[..], [..]] form of a [n, 1] tensor
-        if not all(isinstance(x, list) and len(x) == 1 for x in data) or t.shape[1:] != [1]:
-            raise _bad(f"input {t.name!r}: nested data must be [[text], ...] with shape [n, 1]", "inputs[0].data")
-        data = [row[0] for row in data]
-    if not all(isinstance(x, str) for x in data):
-        raise _bad(f"input {t.name!r}: every element must be a string", "inputs[0].data")
-    if int(np.prod(t.shape)) != len(data) or not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)):
-        raise _bad(
-            f"input {t.name!r}: shape {t.shape} does not match {len(data)} texts (use [n] or [n, 1])", "inputs[0].shape"
-        )
-    return validate_texts(data, max_texts, field="inputs[0].data")
-
-
 @router.get("", summary="Server metadata")
 async def server_metadata() -> JSON:
-    return JSON({"name": "moe-serve", "version": __version__, "extensions": ["binary_tensor_data"]})
+    return JSON({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]})
 
 
 @router.get("/health/live", summary="Liveness")
@@ -125,27 +84,13 @@ async def live() -> JSON:
 async def ready(request: Request) -> JSON:
     engine = engine_of(request)
     draining = getattr(request.app.state, "draining", False)  # shutting down: send no more traffic here
-    ok = not draining and bool(engine.models) and all(w.ready for w in engine.models.values())
+    ok = server_ready(engine, draining)
     return JSON({"ready": ok, "failed_models": sorted(engine.failed)}, status_code=200 if ok else 503)
 
 
 @router.get("/models/{model}", response_model=ModelMetadata, responses=ERRORS, summary="Model metadata")
 async def model_metadata(model: str, request: Request) -> JSON:
-    w = engine_of(request).get(model)
-    n = len(w.info.labels)
-    return JSON(
-        {
-            "name": w.name,
-            "versions": ["1"],
-            "platform": f"moe-serve_{w.kind}",
-            "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [
-                {"name": "label", "datatype": "BYTES", "shape": [-1]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
-            ],
-            "parameters": {"labels": w.info.labels, "max_length": w.info.max_length, "temperature": w.info.temperature},
-        }
-    )
+    return JSON(oip_model_metadata(engine_of(request).get(model)))
 
 
 @router.get("/models/{model}/ready", responses=ERRORS, summary="Model readiness")
@@ -195,28 +140,12 @@ async def infer(model: str, request: Request) -> JSON:
     worker = engine.get(model)
     request.state.model = worker.name
     req = await _parse(request)
-    texts = _texts(req, settings_of(request).max_client_batch_size)
-    if req.outputs:
-        unknown = [o.name for o in req.outputs if o.name not in OUTPUTS]
-        if unknown:
-            raise _bad(f"unknown output(s) {unknown}; available: {list(OUTPUTS)}", "outputs")
-    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
+    texts = request_texts(req, settings_of(request).max_client_batch_size)
+    wanted = wanted_outputs(req)
     result = await unless_disconnected(request.receive, worker.classify(texts))
-    probs = softmax(np.stack([r.logits for r in result.results]).astype(np.float64)).astype(np.float32)
-    labels = worker.info.labels
-    tensors: dict[str, dict[str, Any]] = {
-        "label": {
-            "name": "label",
-            "datatype": "BYTES",
-            "shape": [len(texts)],
-            "data": [labels[i] for i in probs.argmax(1)],
-        },
-        "probabilities": {
-            "name": "probabilities",
-            "datatype": "FP32",
-            "shape": [len(texts), len(labels)],
-            "data": probs.reshape(-1).tolist(),
-        },
+    tensors = {
+        name: {"name": name, "datatype": dtype, "shape": shape, "data": data.tolist()}
+        for name, (dtype, shape, data) in output_tensors(worker, result).items()
     }
     body = {"model_name": worker.name, "model_version": "1", "outputs": [tensors[n] for n in wanted]}
     if req.id is not None:

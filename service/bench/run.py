@@ -123,10 +123,12 @@ def served_runs(
     the median throughput reported. Then lone requests to moe-serve (one at a time, idle between)."""
     rows: list[dict[str, Any]] = []
     lone: dict[str, Any] = {}
-    bodies = {t: [orjson.dumps({"inputs": bundle.tokenizer.tokenizer.decode(ids)}) for ids in sets[t]] for t in sets}
+    texts_of = {t: [bundle.tokenizer.tokenizer.decode(ids) for ids in sets[t]] for t in sets}
+    bodies = {t: [orjson.dumps({"inputs": text}) for text in texts_of[t]] for t in sets}
     for server in ("moe-serve", "naive"):
         log.info("served: %s", server)
-        with served.start_server(server, model_dir.resolve(), threads, out_dir / f"{server}.log") as url:
+        grpc_port = served.free_port() if server == "moe-serve" else None
+        with served.start_server(server, model_dir.resolve(), threads, out_dir / f"{server}.log", grpc_port) as url:
             classify = f"{url}/v1/classify"
             served.closed_loop(classify, bodies["short"], 64, 1.0, server, "short", out_dir)  # warm-up, not kept
             for texts in cfg["texts"]:
@@ -148,7 +150,27 @@ def served_runs(
                     )
             if server == "moe-serve":
                 lone = served.lone_requests(classify, bodies["short"])
+                rows += _grpc_rows(f"127.0.0.1:{grpc_port}", model_dir.name, texts_of, cfg, out_dir)
     return rows, lone
+
+
+def _grpc_rows(
+    address: str, model: str, texts_of: dict[str, list[str]], cfg: dict[str, Any], out_dir: Path
+) -> list[dict[str, Any]]:
+    """The same texts at the same concurrencies as the HTTP rows, as gRPC ModelInfer calls to the same server."""
+    rows = []
+    for texts in cfg["texts"]:
+        for c in cfg["concurrency"]:
+            runs = [
+                served.closed_loop_grpc(
+                    address, model, texts_of[texts], c, cfg["seconds"], "moe-serve gRPC", texts, out_dir
+                )
+                for _ in range(cfg["served_runs"])
+            ]
+            r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
+            rows.append({**asdict(r), "runs": len(runs), "rps_all_runs": [x.rps for x in runs]})
+            log.info("moe-serve gRPC %s c=%d: %.1f req/s p50 %.2f ms", texts, c, r.rps, r.p50_ms)
+    return rows
 
 
 def _served_ratios(r: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +249,8 @@ def served_markdown(r: dict[str, Any]) -> list[str]:
     e, lone = r["served_backend"], r.get("lone_request") or {}
     lines = [
         "",
-        "## Served over HTTP (wrk, closed loop; the run with the median throughput of each point)",
+        "## Served over HTTP (wrk, closed loop) and gRPC (service/bench/grpc_load.py, closed loop, one text per call); "
+        "the run with the median throughput of each point",
         "",
         "| server | texts | connections | req/s | p50 ms | p95 ms | p99 ms | errors | generator share of cores "
         "| req/s, each run |",

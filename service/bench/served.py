@@ -75,10 +75,14 @@ def server_process(
             proc.wait()
 
 
-def start_server(kind: str, model_dir: Path, threads: int, log_path: Path) -> contextlib.AbstractContextManager[str]:
-    """kind: moe-serve | naive, on a free loopback port."""
+def start_server(
+    kind: str, model_dir: Path, threads: int, log_path: Path, grpc_port: int | None = None
+) -> contextlib.AbstractContextManager[str]:
+    """kind: moe-serve | naive, on a free loopback port (moe-serve also on grpc_port, when given)."""
     port = free_port()
     env = {**os.environ, "MOE_LOG_LEVEL": "warning"}
+    if grpc_port is not None:
+        env["MOE_GRPC_PORT"] = str(grpc_port)
     if kind == "moe-serve":
         cmd = [
             sys.executable,
@@ -151,6 +155,39 @@ def closed_loop(
         errors=errors,
         seconds=round(wall, 2),
         rps=round((r["requests"] - errors) / wall, 1),
+        p50_ms=round(r["p50_us"] / 1000, 3),
+        p95_ms=round(r["p95_us"] / 1000, 3),
+        p99_ms=round(r["p99_us"] / 1000, 3),
+        generator_core_share=round(
+            (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / (wall * (os.cpu_count() or 1)), 4
+        ),
+    )
+
+
+def closed_loop_grpc(
+    address: str, model: str, texts: list[str], concurrency: int, seconds: float, server: str, label: str, workdir: Path
+) -> LoadResult:
+    """The same closed loop over gRPC (ModelInfer, one text per call): service/bench/grpc_load.py in a process of
+    its own, its share of the cores measured as wrk's is."""
+    texts_file = workdir / f"texts-{label}.jsonl"
+    texts_file.write_text("\n".join(json.dumps(t) for t in texts) + "\n")
+    cmd = [sys.executable, "-m", "service.bench.grpc_load", address, model, str(texts_file), str(concurrency)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([*cmd, f"{seconds:g}"], capture_output=True, timeout=seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"grpc_load failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
+    r = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    wall = r["duration_us"] / 1e6
+    return LoadResult(
+        server=server,
+        texts=label,
+        concurrency=concurrency,
+        rate=None,
+        requests=r["requests"],
+        errors=r["errors"],
+        seconds=round(wall, 2),
+        rps=round((r["requests"] - r["errors"]) / wall, 1),
         p50_ms=round(r["p50_us"] / 1000, 3),
         p95_ms=round(r["p95_us"] / 1000, 3),
         p99_ms=round(r["p99_us"] / 1000, 3),

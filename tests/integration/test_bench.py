@@ -48,6 +48,8 @@ def test_bench_quick_smoke(tiny_model_dir: Path, tmp_path: Path) -> None:
         ("moe-serve", "short", 64),
         ("naive", "short", 1),
         ("naive", "short", 64),
+        ("moe-serve gRPC", "short", 1),  # the same texts and concurrency over gRPC
+        ("moe-serve gRPC", "short", 64),
     } <= served
     for s in res["served"]:
         assert s["errors"] == 0 and s["rps"] > 0 and s["p50_ms"] <= s["p99_ms"]

@@ -10,7 +10,10 @@ from tests.conftest import ROOT
 
 
 def test_app_imports_without_torch() -> None:
-    code = "import sys, service.app, service.api.v1, service.api.v2; print('torch' in sys.modules)"
+    code = (
+        "import sys, service.app, service.api.v1, service.api.v2, service.api.grpc_v2.server; "
+        "print('torch' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
