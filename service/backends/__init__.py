@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.backends.variants import AUTO, BACKENDS, PRECISIONS, REFERENCE, device_kind, devices, find
-from service.modeling.folder import ModelFolder, read_folder
+from service.modeling.folder import ModelFolder, ModelFolderError, read_folder
 
 if TYPE_CHECKING:
     from service.backends.base import Backend
@@ -56,7 +56,7 @@ def build_graphs(model_dir: Path, graph: str) -> bool:
         from service.modeling.onnx_export import export_model
 
         export_model(model_dir, int8=True)
-    except (ImportError, OSError) as exc:
+    except (ImportError, OSError, ModelFolderError) as exc:  # then loading torch says what is wrong, if anything
         log.warning("%s: cannot build %s here: %s", model_dir, graph, exc)
         return False
     return (model_dir / graph).is_file()

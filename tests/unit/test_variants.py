@@ -85,7 +85,8 @@ def test_resolve_settings_first_then_the_folder_then_the_reference(tmp_path: Pat
     assert resolve(chosen, "onnx") == ("onnx", "int8")  # auto precision: the folder's, for the folder's backend
     assert resolve(chosen, "torch") == ("torch", "fp32")
     assert resolve(chosen, "auto", "fp32") == ("onnx", "fp32")
-    # The chosen graph is a build artefact: without it, `auto` serves the reference.
+    # The chosen graph is a build artefact: without it, and where it cannot be built (here, a folder without
+    # weights), `auto` serves the reference.
     assert resolve(_folder(tmp_path / "no-graph", {"backend": "onnx", "precision": "int8"})) == ("torch", "fp32")
 
 
