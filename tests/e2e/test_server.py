@@ -264,9 +264,14 @@ def test_too_long_text(server: str) -> None:
     assert r.status_code == 422
     m = re.search(r"has (\d+) tokens, (\d+) more than model 'tiny' accepts \(64\)", r.json()["error"])
     assert m and int(m.group(1)) - 64 == int(m.group(2))
-    ok = httpx.post(f"{server}/v1/classify", json={"inputs": long_text})
+    ok = httpx.post(f"{server}/v1/classify", json={"inputs": long_text, "long_text": "truncate"})
     assert ok.status_code == 200 and ok.json()["predictions"][0]["truncated"] is True
-    assert ok.json()["predictions"][0]["tokens"] == 64
+    assert ok.json()["predictions"][0]["tokens"] == 64 and ok.json()["predictions"][0]["windows"] == 1
+    # The server's default, chunk: windows of 64 up to MOE_MAX_WINDOWS (8), and this text needs more.
+    chunked = httpx.post(f"{server}/v1/classify", json={"inputs": long_text}).json()["predictions"][0]
+    assert (chunked["windows"], chunked["tokens"], chunked["truncated"]) == (8, 8 * 64, True)
+    over_cap = httpx.post(f"{server}/v1/classify", json={"inputs": long_text, "long_text": "chunk", "truncate": False})
+    assert over_cap.status_code == 422 and "more than 8 windows of 64" in over_cap.json()["error"]
 
 
 def test_body_too_large(server: str) -> None:
