@@ -3,6 +3,7 @@ sentence) for truncation at several lengths and for chunking at several overlaps
 tokens each reads per text. Every window of a configuration is run once; poolings and caps reuse its logits.
 
     nice -n 19 .venv/bin/python scripts/long_text_table.py models/bbc-news-minilm-moe [--lengths 128 256]
+    nice -n 19 .venv/bin/python scripts/long_text_table.py models/bbc-news-minilm-moe --timing 128
 """
 
 from __future__ import annotations
@@ -66,15 +67,40 @@ def run(loaded, texts, y, length, policy, caps=(None,), poolings=("mean_logits",
     return rows
 
 
+def timing(loaded, texts: list[str], repeats: int) -> None:
+    """Engine time per article, truncation at the model's maximum against the default chunking, the two runs
+    alternated so a busy machine slows both alike; the median of `repeats`."""
+    top = loaded.folder.config.max_length
+    runs = {"truncate": LongTextPolicy("truncate"), "chunk": LongTextPolicy()}
+    seqs = {k: [w for e in encode_windows(loaded.tokenizer, texts, top, p) for w in e.windows] for k, p in runs.items()}
+    took: dict[str, list[float]] = {k: [] for k in runs}
+    forward = loaded_forward(loaded)
+    predict(forward, seqs["truncate"][:64])  # warm-up
+    for _ in range(repeats):
+        for k, s in seqs.items():
+            t0 = time.perf_counter()
+            predict(forward, s)
+            took[k].append(time.perf_counter() - t0)
+    for k, s in seqs.items():
+        ms = 1000 * float(np.median(took[k])) / len(texts)
+        tokens = sum(map(len, s)) / len(texts)
+        row = {"timing": k, "texts": len(texts), "ms_per_article": round(ms, 2), "tokens": round(tokens, 1)}
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--overlaps", type=int, nargs="+", default=[0, 64, 128])
     ap.add_argument("--split", default="test")
+    ap.add_argument("--timing", type=int, default=0, help="only time this many articles, 3 alternated runs")
     args = ap.parse_args()
     loaded = load_model(args.model)
     examples, _ = model_examples(loaded.folder, None, args.split)
+    if args.timing:
+        timing(loaded, [e.text for e in examples[: args.timing]], repeats=3)
+        return
     y = label_ids(loaded.folder, examples)
     sets = {
         "article": [e.text for e in examples],

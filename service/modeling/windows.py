@@ -26,7 +26,9 @@ class InnerTokenizer(Protocol):
 @dataclass(frozen=True)
 class LongTextPolicy:
     mode: LongText = "chunk"
-    overlap: int = 64  # tokens two consecutive windows share, so no sentence is only ever seen cut at an edge
+    # Measured on bbc-news test articles (README, "Long texts"): overlaps of 64 and 128 tokens scored the same
+    # macro-F1 as none, for 11% and 34% more tokens; the last window still overlaps, moved back to end full length.
+    overlap: int = 0
     max_windows: int = 8  # a text's tokens past this many windows are cut (or a 422, when cutting is not allowed)
 
 
@@ -79,9 +81,10 @@ def cut_windows(
 
 
 def encode_windows(
-    tokenizer: InnerTokenizer, texts: list[str], max_length: int, policy: LongTextPolicy
+    tokenizer: InnerTokenizer, texts: list[str], max_length: int, policy: LongTextPolicy | None = None
 ) -> list[Windowed]:
-    t = tokenizer
+    """Every text's windows (default policy: the server's default)."""
+    t, policy = tokenizer, policy or LongTextPolicy()
     return [
         cut_windows(inner, t.prefix, t.suffix, t.fallback_id, max_length, policy) for inner in t.encode_inner(texts)
     ]
