@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -178,18 +179,8 @@ class LocalModel:
         if not may_cut:
             for i, enc in enumerate(encoded):
                 if enc.truncated:
-                    raise self._too_long(i, enc, policy)
+                    raise too_long(self.name, self.info.max_length, i, enc, policy)
         return encoded, took
-
-    def _too_long(self, i: int, enc: Windowed, policy: LongTextPolicy) -> ServiceError:
-        max_len, n = self.info.max_length, enc.original_length
-        if policy.mode == "truncate":
-            how = f"{n - max_len} more than model {self.name!r} accepts ({max_len}); shorten it, send truncate=true "
-            how += 'or long_text="chunk"'
-        else:
-            how = f"more than {policy.max_windows} windows of {max_len} (the server's max_windows) cover; shorten it "
-            how += "or send truncate=true to read its first windows only"
-        return ServiceError(ErrorKind.INPUT_TOO_LONG, f"inputs[{i}] has {n} tokens, {how}", field=f"inputs[{i}]")
 
     def _enqueue(self, encoded: Encoding, deadline: Deadline, return_routing: bool, finish: Finish) -> PendingRequest:
         texts, tokenization_s = encoded
@@ -213,11 +204,11 @@ class LocalModel:
         self, req: PendingRequest, results: list[TextResult], encoded: list[Windowed], tokenization_s: float
     ) -> ClassifyResult:
         """The request's answer from its windows' results: one TextResult per text."""
+        vocab = self.backend.tokenizer.tokenizer if req.return_routing else None
         texts, at = [], 0
         for enc in encoded:
-            k = len(enc.windows)
-            texts.append(self._join(results[at : at + k], enc, req.return_routing))
-            at += k
+            texts.append(join_windows(results[at : at + len(enc.windows)], enc, vocab))
+            at += len(enc.windows)
         # Counted here, once per text, for every API that classifies (/v1 and /v2 alike).
         self.m.texts.inc(len(texts))
         for enc in encoded:
@@ -227,17 +218,31 @@ class LocalModel:
             self.m.truncated.inc(truncated)
         return ClassifyResult(texts, tokenization_s, req.queue_s, req.inference_s)
 
-    def _join(self, parts: list[TextResult], enc: Windowed, return_routing: bool) -> TextResult:
-        lengths = [len(w) for w in enc.windows]
-        logits = pool_logits(np.stack([p.logits for p in parts]), lengths)
-        r = TextResult(logits, sum(lengths), enc.truncated, windows=len(parts))
-        if return_routing and parts[0].routing is not None:
-            vocab = self.backend.tokenizer.tokenizer
-            r.tokens = [vocab.id_to_token(t) or "" for w in enc.windows for t in w]
-            r.window_tokens = lengths
-            joined = zip(*(p.routing or [] for p in parts), strict=True)  # per layer: that layer of every window
-            r.routing = [
-                LayerRouting(np.concatenate([w.expert_ids for w in layer]), np.concatenate([w.gates for w in layer]))
-                for layer in joined
-            ]
-        return r
+
+def too_long(model: str, max_len: int, i: int, enc: Windowed, policy: LongTextPolicy) -> ServiceError:
+    """The 422 for a text that may not be cut: over the maximum length, or over the window cap when chunked."""
+    n = enc.original_length
+    if policy.mode == "truncate":
+        how = f"{n - max_len} more than model {model!r} accepts ({max_len}); shorten it, send truncate=true "
+        how += 'or long_text="chunk"'
+    else:
+        how = f"more than {policy.max_windows} windows of {max_len} (the server's max_windows) cover; shorten it "
+        how += "or send truncate=true to read its first windows only"
+    return ServiceError(ErrorKind.INPUT_TOO_LONG, f"inputs[{i}] has {n} tokens, {how}", field=f"inputs[{i}]")
+
+
+def join_windows(parts: list[TextResult], enc: Windowed, vocab: Any | None) -> TextResult:
+    """A text's one result from its windows' (in order): pooled logits, every window's tokens; with `vocab` (the
+    request asked for routing), the token strings and the routing of every window, window after window."""
+    lengths = [len(w) for w in enc.windows]
+    logits = pool_logits(np.stack([p.logits for p in parts]), lengths)
+    r = TextResult(logits, sum(lengths), enc.truncated, windows=len(parts))
+    if vocab is not None and parts[0].routing is not None:
+        r.tokens = [vocab.id_to_token(t) or "" for w in enc.windows for t in w]
+        r.window_tokens = lengths
+        joined = zip(*(p.routing or [] for p in parts), strict=True)  # per layer: that layer of every window
+        r.routing = [
+            LayerRouting(np.concatenate([w.expert_ids for w in layer]), np.concatenate([w.gates for w in layer]))
+            for layer in joined
+        ]
+    return r
