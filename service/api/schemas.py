@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
+from service.modeling.windows import LongText
+
 # A text to classify: the schema says what the code checks (not empty, not only whitespace); the code keeps its
 # own clearer message, naming the text by index.
 Text = Annotated[StrictStr, WithJsonSchema({"type": "string", "minLength": 1, "pattern": "\\S"})]
@@ -33,7 +35,7 @@ class ClassifyRequest(BaseModel):
         description="may a text be cut: false gives a 422 for a text over the model's maximum length (over "
         "max_windows windows with long_text=chunk) instead of cutting it",
     )
-    long_text: Literal["truncate", "chunk"] | None = Field(
+    long_text: LongText | None = Field(
         None,
         description="texts over the model's maximum length: chunk (read in overlapping windows, logits pooled) or "
         "truncate (the first window only); default: the server's long_text setting",

@@ -7,12 +7,12 @@ Pure functions over token ids and numpy, shared by the engine (service/engine/lo
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
 LongText = Literal["truncate", "chunk"]
-LONG_TEXT_MODES: tuple[LongText, ...] = ("truncate", "chunk")
+LONG_TEXT_MODES: tuple[LongText, ...] = get_args(LongText)
 
 
 class InnerTokenizer(Protocol):
@@ -25,11 +25,13 @@ class InnerTokenizer(Protocol):
 
 @dataclass(frozen=True)
 class LongTextPolicy:
-    mode: LongText = "chunk"
+    mode: LongText = "chunk"  # whole bbc-news test articles: macro-F1 0.9832 read in windows, 0.9764 truncated
     # Measured on bbc-news test articles (README, "Long texts"): overlaps of 64 and 128 tokens scored the same
     # macro-F1 as none, for 11% and 34% more tokens; the last window still overlaps, moved back to end full length.
     overlap: int = 0
-    max_windows: int = 8  # a text's tokens past this many windows are cut (or a 422, when cutting is not allowed)
+    # A text's tokens past this many windows are cut (or a 422, when cutting is not allowed). 4 and 8 scored alike;
+    # 8 cuts 2 of 426 test articles, and bounds one 64-text request at 512 windows.
+    max_windows: int = 8
 
 
 @dataclass
@@ -42,11 +44,6 @@ class Windowed:
     @property
     def truncated(self) -> bool:
         return self.covered < self.inner_length
-
-    @property
-    def n_tokens(self) -> int:
-        """Tokens the model reads for this text: overlaps and each window's special tokens count."""
-        return sum(len(w) for w in self.windows)
 
 
 def request_policy(default: LongTextPolicy, long_text: LongText | None, truncate: bool) -> LongTextPolicy:
