@@ -22,6 +22,7 @@ from service.api.common import JSON, timing_headers, unless_disconnected
 from service.api.schemas import InferRequest, InferResponse, ModelMetadata
 from service.api.v1 import ERRORS, engine_of, settings_of, softmax, validate_texts
 from service.errors import ErrorKind, ServiceError
+from service.modeling.windows import LONG_TEXT_MODES, LongText
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 INPUT_NAME = "text"
@@ -30,6 +31,14 @@ OUTPUTS = ("label", "probabilities")
 
 def _bad(message: str, field: str | None = None) -> ServiceError:
     return ServiceError(ErrorKind.VALIDATION, message, field=field)
+
+
+def _long_text(parameters: dict[str, Any] | None) -> LongText | None:
+    """parameters.long_text, as /v1's long_text: "chunk" or "truncate"; absent, the server's setting."""
+    value = (parameters or {}).get("long_text")
+    if value is not None and value not in LONG_TEXT_MODES:
+        raise _bad(f"parameters.long_text must be one of {list(LONG_TEXT_MODES)}", "parameters.long_text")
+    return value
 
 
 def _decode_bytes_tensor(raw: bytes) -> list[str]:
@@ -201,7 +210,8 @@ async def infer(model: str, request: Request) -> JSON:
         if unknown:
             raise _bad(f"unknown output(s) {unknown}; available: {list(OUTPUTS)}", "outputs")
     wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
-    result = await unless_disconnected(request.receive, worker.classify(texts))
+    work = worker.classify(texts, long_text=_long_text(req.parameters))
+    result = await unless_disconnected(request.receive, work)
     probs = softmax(np.stack([r.logits for r in result.results]).astype(np.float64)).astype(np.float32)
     labels = worker.info.labels
     tensors: dict[str, dict[str, Any]] = {

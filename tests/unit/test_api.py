@@ -189,3 +189,19 @@ def test_long_texts_are_chunked_by_default_and_the_answer_says_how(make_client) 
     assert refused.json()["field"] == "inputs[1]"
     bad = client.post("/v1/classify", json={"inputs": long, "long_text": "summarise"})
     assert bad.status_code == 422 and bad.json()["field"] == "long_text"
+
+
+def test_v2_reads_long_text_from_its_parameters(make_client) -> None:
+    client = make_client(chunk_overlap=16)
+    long = "".join(chr(ord("a") + i % 26) for i in range(150))
+
+    def infer(parameters: dict | None) -> object:
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [long]}]}
+        return client.post("/v2/models/alpha/infer", json={**body, "parameters": parameters})
+
+    chunked, cut = infer(None).json(), infer({"long_text": "truncate"}).json()
+    v1 = client.post("/v1/classify", json={"inputs": long}).json()["predictions"][0]
+    assert chunked["outputs"][0]["data"] == [v1["label"]]
+    assert chunked["outputs"][1]["data"] != cut["outputs"][1]["data"]  # a different reading, different scores
+    bad = infer({"long_text": "all"})
+    assert bad.status_code == 422 and bad.json()["field"] == "parameters.long_text"
