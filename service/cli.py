@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 
 from service.backends.variants import ALL_PRECISIONS, BACKENDS, REFERENCE, runs_summary
 from service.config import Settings
+from service.modeling.windows import LONG_TEXT_MODES, LongTextPolicy
 
 SPLITS = ("train", "validation", "test")
 Subparsers = argparse._SubParsersAction  # what add_subparsers returns
@@ -43,11 +44,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     folder = loaded.folder
     out = args.output_dir
     variant = "" if (args.backend, args.precision) == ("torch", "fp32") else f"-{args.backend}-{args.precision}"
+    policy = LongTextPolicy(args.long_text, args.chunk_overlap, args.max_windows)
     if out is None:
         data_name = Path(args.data).stem if args.data else folder.training.get("dataset", "data")
-        out = Path("reports") / f"{folder.name}-{data_name}-{args.split}{variant}"
+        mode = "" if policy == Settings().long_text_policy() else f"-{policy.mode}"
+        out = Path("reports") / f"{folder.name}-{data_name}-{args.split}{variant}{mode}"
     backend = load_backend(folder, "cpu", args.backend, precision=args.precision) if variant else None
-    report = evaluate_model(loaded, args.data, args.split, out, args.text_column, args.label_column, backend)
+    report = evaluate_model(
+        loaded, args.data, args.split, out, args.text_column, args.label_column, backend, policy=policy
+    )
     print(json.dumps(report, indent=2))
     print(f"report and plots written to {out}", file=sys.stderr)
     return 0
@@ -180,6 +185,10 @@ def _add_evaluate(sub: Subparsers) -> None:
     e.add_argument("--output-dir", help="where to write eval.json and plots (default: reports/<model>-<data>-<split>)")
     e.add_argument("--backend", default=REFERENCE.backend, choices=BACKENDS, help="onnx needs `moe-serve export` first")
     e.add_argument("--precision", default=REFERENCE.precision, choices=ALL_PRECISIONS, help=runs_summary())
+    served = Settings.model_fields  # long texts are read as served by default: the same defaults
+    e.add_argument("--long-text", default=served["long_text"].default, choices=LONG_TEXT_MODES, help="as MOE_LONG_TEXT")
+    e.add_argument("--chunk-overlap", type=int, default=served["chunk_overlap"].default, help="as MOE_CHUNK_OVERLAP")
+    e.add_argument("--max-windows", type=int, default=served["max_windows"].default, help="as MOE_MAX_WINDOWS")
     e.set_defaults(func=_evaluate)
 
 

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.backends.variants import BACKEND_SETTINGS, PRECISION_SETTINGS, runs_summary
+from service.modeling.windows import LongText, LongTextPolicy
 
 # Built from the variant table (a static type checker sees them as Literal of a tuple; pydantic and the CLI read
 # the values).
@@ -61,6 +62,20 @@ class Settings(BaseSettings):
         description="after a batch, keep an idle engine warm this long with a tiny forward every 10 ms or more (under "
         "5% of a core), so a lone request after a pause is not slowed by cold caches and threads (0 = off)",
     )
+    long_text: LongText = Field(
+        LongTextPolicy.mode,
+        description="texts over the model's maximum length: chunk (overlapping windows, logits pooled) or truncate "
+        "(the first window only); a request's long_text overrides it",
+    )
+    chunk_overlap: int = Field(
+        LongTextPolicy.overlap, ge=0, description="tokens two consecutive windows share (at most half a window)"
+    )
+    max_windows: int = Field(
+        LongTextPolicy.max_windows,
+        ge=1,
+        description="most windows per text; the rest is cut (truncated: true), or a 422 for a request with "
+        "truncate=false",
+    )
     max_client_batch_size: int = Field(64, ge=1, description="most texts in one request")
     max_queue_texts: int = Field(2048, ge=1, description="texts waiting per model before new requests get 429")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request, queue wait included")
@@ -92,3 +107,6 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return json.loads(v) if v.strip().startswith("[") else [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    def long_text_policy(self) -> LongTextPolicy:
+        return LongTextPolicy(self.long_text, self.chunk_overlap, self.max_windows)

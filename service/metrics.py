@@ -24,6 +24,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_TEXT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+WINDOW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
@@ -93,6 +94,7 @@ class ModelMetrics:
     tokenization: Histogram
     texts: Counter
     truncated: Counter
+    windows: Histogram
     queue_wait: Histogram
     inference: Histogram
     batch_texts: Histogram
@@ -178,7 +180,14 @@ class Metrics:
         )
         self.texts = Counter("moe_texts", "Texts classified.", ["model"], registry=r)
         self.truncated = Counter(
-            "moe_texts_truncated", "Texts cut to the model's maximum length.", ["model"], registry=r
+            "moe_texts_truncated", "Texts some of whose tokens no window read (once per text).", ["model"], registry=r
+        )
+        self.text_windows = Histogram(
+            "moe_text_windows",
+            "Windows a text was read in (1: it fits the model's maximum length, or was truncated).",
+            ["model"],
+            buckets=WINDOW_BUCKETS,
+            registry=r,
         )
         self.model_info = Gauge(
             "moe_model_info", "Loaded models (value 1).", ["model", "backend", "device", "precision"], registry=r
@@ -190,6 +199,7 @@ class Metrics:
             tokenization=self.tokenization_duration.labels(name),
             texts=self.texts.labels(name),
             truncated=self.truncated.labels(name),
+            windows=self.text_windows.labels(name),
             queue_wait=self.queue_duration.labels(name),
             inference=self.inference_duration.labels(name),
             batch_texts=self.batch_texts.labels(name),

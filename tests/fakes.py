@@ -26,12 +26,18 @@ class FakeTokenizer:
 
     def __init__(self) -> None:
         self.tokenizer = self  # the engine reads token strings through .tokenizer, as from an HF tokenizer
+        self.prefix: list[int] = []  # no special tokens around a text
+        self.suffix: list[int] = []
+        self.fallback_id = 1
 
     def id_to_token(self, i: int) -> str:
         return f"t{i}"
 
+    def encode_inner(self, texts: list[str]) -> list[list[int]]:
+        return [[1 + ord(c) % 50 for c in t] for t in texts]
+
     def encode_batch(self, texts: list[str], max_length: int) -> list[Encoded]:
-        return [Encoded([1 + ord(c) % 50 for c in t][:max_length] or [1], max(len(t), 1)) for t in texts]
+        return [Encoded(ids[:max_length] or [1], max(len(ids), 1)) for ids in self.encode_inner(texts)]
 
 
 class FakeBackend(Backend):

@@ -18,6 +18,7 @@ from service.engine.handle import EngineHandle, ModelHandle
 from service.engine.results import ClassifyResult
 from service.errors import ErrorKind, ServiceError
 from service.modeling.probabilities import softmax
+from service.modeling.windows import LONG_TEXT_MODES, LongText
 
 INPUT_NAME = "text"
 OUTPUTS = ("label", "probabilities")
@@ -124,3 +125,11 @@ def model_metadata(model: ModelHandle) -> dict[str, Any]:
             "temperature": model.info.temperature,
         },
     }
+
+
+def long_text_option(parameters: dict[str, Any] | None) -> LongText | None:
+    """parameters.long_text, as /v1's long_text: "chunk" or "truncate"; absent, the server's setting."""
+    value = (parameters or {}).get("long_text")
+    if value is not None and value not in LONG_TEXT_MODES:
+        raise bad(f"parameters.long_text must be one of {list(LONG_TEXT_MODES)}", "parameters.long_text")
+    return value

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
+from service.modeling.windows import LongText
+
 # A text to classify: the schema says what the code checks (not empty, not only whitespace); the code keeps its
 # own clearer message, naming the text by index.
 Text = Annotated[StrictStr, WithJsonSchema({"type": "string", "minLength": 1, "pattern": "\\S"})]
@@ -28,7 +30,16 @@ class ClassifyRequest(BaseModel):
     model: StrictStr | None = Field(None, description="model name; default: the server's default model")
     inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(..., description="one text or a list of texts")
     top_k: PositiveWhole | None = Field(None, description="return only the k best labels (default: all)")
-    truncate: StrictBool = Field(True, description="cut texts longer than the model's maximum instead of a 422")
+    truncate: StrictBool = Field(
+        True,
+        description="may a text be cut: false gives a 422 for a text over the model's maximum length (over "
+        "max_windows windows with long_text=chunk) instead of cutting it",
+    )
+    long_text: LongText | None = Field(
+        None,
+        description="texts over the model's maximum length: chunk (read in overlapping windows, logits pooled) or "
+        "truncate (the first window only); default: the server's long_text setting",
+    )
     raw_scores: StrictBool = Field(
         False,
         description="return the temperature-scaled logits (logits / the model's temperature) instead of their softmax "
@@ -61,7 +72,8 @@ class LayerRoutingOut(BaseModel):
 
 
 class RoutingOut(BaseModel):
-    tokens: list[str]
+    tokens: list[str] = Field(description="every window's tokens, window after window")
+    window_tokens: list[int] = Field(description="tokens of each window, in order: splits tokens and experts")
     layers: list[LayerRoutingOut]
 
 
@@ -69,8 +81,9 @@ class Prediction(BaseModel):
     label: str
     score: float
     scores: list[LabelScore] = Field(description="labels with scores, best first")
-    tokens: int
-    truncated: bool
+    tokens: int = Field(description="tokens the model read, every window's (overlaps and special tokens included)")
+    windows: int = Field(description="windows the text was read in: 1 unless it was chunked")
+    truncated: bool = Field(description="some of the text's tokens were read by no window")
     routing: RoutingOut | None = None
 
 

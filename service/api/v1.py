@@ -62,7 +62,7 @@ def _routing(worker: ModelHandle, r: TextResult) -> dict[str, Any]:
                 "top_experts": [{"expert": int(j), "share": round(float(share[j]), 4)} for j in top if share[j] > 0],
             }
         )
-    return {"tokens": r.tokens or [], "layers": layers}
+    return {"tokens": r.tokens or [], "window_tokens": r.window_tokens or [len(r.tokens or [])], "layers": layers}
 
 
 def prediction(worker: ModelHandle, r: TextResult, top_k: int | None, raw: bool) -> dict[str, Any]:
@@ -74,6 +74,7 @@ def prediction(worker: ModelHandle, r: TextResult, top_k: int | None, raw: bool)
         "score": float(scores[order[0]]),
         "scores": [{"label": labels[j], "score": float(scores[j])} for j in order],
         "tokens": r.n_tokens,
+        "windows": r.windows,
         "truncated": r.truncated,
     }
     if r.routing is not None:
@@ -99,7 +100,13 @@ async def answer_classify(
     state["model"] = worker.name
     texts = validate_texts(body.inputs, max_texts)
     timeout = body.timeout_ms / 1000 if body.timeout_ms else None
-    work = worker.classify(texts, truncate=body.truncate, return_routing=body.return_routing, timeout_s=timeout)
+    work = worker.classify(
+        texts,
+        truncate=body.truncate,
+        long_text=body.long_text,
+        return_routing=body.return_routing,
+        timeout_s=timeout,
+    )
     result = await unless_disconnected(receive, work)
     preds = [prediction(worker, r, body.top_k, body.raw_scores) for r in result.results]
     return JSON({"model": worker.name, "predictions": preds}, headers=timing_headers(result, time.perf_counter() - t0))

@@ -20,6 +20,7 @@ from service.api.oip import (
     SERVER_VERSION,
     decode_bytes_tensor,
     infer_request,
+    long_text_option,
     output_tensors,
     request_texts,
     server_ready,
@@ -142,7 +143,8 @@ async def infer(model: str, request: Request) -> JSON:
     req = await _parse(request)
     texts = request_texts(req, settings_of(request).max_client_batch_size)
     wanted = wanted_outputs(req)
-    result = await unless_disconnected(request.receive, worker.classify(texts))
+    work = worker.classify(texts, long_text=long_text_option(req.parameters))
+    result = await unless_disconnected(request.receive, work)
     tensors = {
         name: {"name": name, "datatype": dtype, "shape": shape, "data": data.tolist()}
         for name, (dtype, shape, data) in output_tensors(worker, result).items()

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from service.backends.base import ModelInfo
     from service.config import Settings
     from service.engine.results import ClassifyResult
+    from service.modeling.windows import LongText
 
 
 class ModelHandle(Protocol):
@@ -31,7 +32,13 @@ class ModelHandle(Protocol):
     def ready(self) -> bool: ...
 
     async def classify(
-        self, texts: list[str], *, truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
+        self,
+        texts: list[str],
+        *,
+        truncate: bool = True,
+        long_text: LongText | None = None,  # None: the server's setting
+        return_routing: bool = False,
+        timeout_s: float | None = None,
     ) -> ClassifyResult: ...
 
     async def queued(self) -> int: ...  # texts waiting in the model's queue

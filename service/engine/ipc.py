@@ -48,10 +48,12 @@ def result_reply(request_id: int, result: ClassifyResult, texts_per_s: float) ->
         "rate": texts_per_s,
         "n_tokens": [r.n_tokens for r in rs],
         "truncated": [r.truncated for r in rs],
+        "windows": [r.windows for r in rs],
         "times": [result.tokenization_s, result.queue_s, result.inference_s],
     }
     if rs[0].routing is not None:  # asked for: a rare, debugging path, so plain JSON lists are good enough
         header["tokens"] = [r.tokens for r in rs]
+        header["window_tokens"] = [r.window_tokens for r in rs]
         header["routing"] = [[[lay.expert_ids, lay.gates] for lay in r.routing or []] for r in rs]
     logits = np.ascontiguousarray(np.stack([r.logits for r in rs]), dtype=np.float32)
     return encode(header, logits.tobytes())
@@ -62,11 +64,12 @@ def result_from(header: dict[str, Any], buffers: list[bytes], num_labels: int) -
     routing = header.get("routing")
     tokens = header.get("tokens")
     results = []
-    for i, (n, cut) in enumerate(zip(header["n_tokens"], header["truncated"], strict=True)):
-        r = TextResult(logits[i], n, cut)
+    for i, (n, cut, k) in enumerate(zip(header["n_tokens"], header["truncated"], header["windows"], strict=True)):
+        r = TextResult(logits[i], n, cut, windows=k)
         if routing is not None and tokens is not None:
             r.routing = [LayerRouting(np.asarray(ids), np.asarray(g, dtype=np.float32)) for ids, g in routing[i]]
             r.tokens = tokens[i]
+            r.window_tokens = header["window_tokens"][i]
         results.append(r)
     tok_s, queue_s, infer_s = header["times"]
     return ClassifyResult(results, tok_s, queue_s, infer_s)

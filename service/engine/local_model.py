@@ -10,8 +10,11 @@ import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-from service.backends.base import Backend
+import numpy as np
+
+from service.backends.base import Backend, LayerRouting
 from service.config import Settings
 from service.engine.request_queue import Finish, PendingRequest, RequestQueue, WorkItem, deadline_for
 from service.engine.results import ClassifyResult, TextResult
@@ -20,10 +23,11 @@ from service.engine.runner import BatchRunner
 from service.engine.scheduler import Pacing, Step, next_step
 from service.errors import ErrorKind, ServiceError, deadline_exceeded
 from service.metrics import Metrics
-from service.modeling.tokenizer import Encoded
+from service.modeling.windows import LongText, LongTextPolicy, Windowed, encode_windows, pool_logits, request_policy
 
 INLINE_TOKENIZE_CHARS = 1024  # requests up to this many characters are tokenized on the event loop itself
 Deadline = tuple[float, int | None]  # see deadline_for
+Encoding = tuple[list[Windowed], float]  # the texts' windows, and the seconds tokenizing took
 
 
 def _settle(fut: asyncio.Future, value: object) -> None:
@@ -55,6 +59,7 @@ class LocalModel:
     ) -> None:
         self.backend, self.info, self.name = backend, backend.info, backend.info.name
         self.settings, self.tokenize_pool = settings, tokenize_pool
+        self.long_text = settings.long_text_policy()
         self.m = metrics.for_model(self.name)
         metrics.queue_capacity.labels(self.name).set(settings.max_queue_texts)
         self.stats = RoutingStats(self.info.moe_layers, self.info.num_experts, settings.routing_window_s, profile)
@@ -115,15 +120,22 @@ class LocalModel:
         return self.stats.snapshot()
 
     async def classify(
-        self, texts: list[str], *, truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
+        self,
+        texts: list[str],
+        *,
+        truncate: bool = True,
+        long_text: LongText | None = None,
+        return_routing: bool = False,
+        timeout_s: float | None = None,
     ) -> ClassifyResult:
         loop = asyncio.get_running_loop()
         deadline = self._deadline(timeout_s)
         self.queue.check_room(len(texts))  # refuse before any work: a refused request must not burn the cores
+        policy = request_policy(self.long_text, long_text, truncate)
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            encoded = self._encode(texts, truncate)  # tens of microseconds: cheaper than a hop to the pool and back
+            encoded = self._encode(texts, policy, truncate)  # tens of microseconds: cheaper than a hop to the pool
         else:
-            encoded = await loop.run_in_executor(self.tokenize_pool, self._encode, texts, truncate)
+            encoded = await loop.run_in_executor(self.tokenize_pool, self._encode, texts, policy, truncate)
         future = loop.create_future()
         req = self._enqueue(encoded, deadline, return_routing, future_finish(loop, future))
         try:
@@ -143,6 +155,7 @@ class LocalModel:
         texts: list[str],
         *,
         truncate: bool,
+        long_text: LongText | None = None,
         return_routing: bool,
         timeout_s: float | None,
         finish: Callable[[ClassifyResult | ServiceError], None],
@@ -152,32 +165,25 @@ class LocalModel:
         (429, 422, ...) are raised."""
         deadline = self._deadline(timeout_s)
         self.queue.check_room(len(texts))
-        return self._enqueue(self._encode(texts, truncate), deadline, return_routing, finish)  # type: ignore[arg-type]
+        encoded = self._encode(texts, request_policy(self.long_text, long_text, truncate), truncate)
+        return self._enqueue(encoded, deadline, return_routing, finish)  # type: ignore[arg-type]
 
     # -- the steps of a request --------------------------------------------------------------------------------
     def _deadline(self, timeout_s: float | None) -> Deadline:
         return deadline_for(timeout_s, self.settings.request_timeout_s)
 
-    def _encode(self, texts: list[str], truncate: bool) -> tuple[list[Encoded], float]:
+    def _encode(self, texts: list[str], policy: LongTextPolicy, may_cut: bool) -> Encoding:
         t0 = time.perf_counter()
-        max_len = self.info.max_length
-        encoded = self.backend.tokenizer.encode_batch(texts, max_len)
+        encoded = encode_windows(self.backend.tokenizer, texts, self.info.max_length, policy)
         took = time.perf_counter() - t0
         self.m.tokenization.observe(took)
-        if not truncate:
+        if not may_cut:
             for i, enc in enumerate(encoded):
                 if enc.truncated:
-                    raise ServiceError(
-                        ErrorKind.INPUT_TOO_LONG,
-                        f"inputs[{i}] has {enc.original_length} tokens, {enc.original_length - max_len} more than "
-                        f"model {self.name!r} accepts ({max_len}); shorten it or send truncate=true",
-                        field=f"inputs[{i}]",
-                    )
+                    raise too_long(self.name, self.info.max_length, i, enc, policy)
         return encoded, took
 
-    def _enqueue(
-        self, encoded: tuple[list[Encoded], float], deadline: Deadline, return_routing: bool, finish: Finish
-    ) -> PendingRequest:
+    def _enqueue(self, encoded: Encoding, deadline: Deadline, return_routing: bool, finish: Finish) -> PendingRequest:
         texts, tokenization_s = encoded
         now = time.monotonic()
         if now >= deadline[0]:
@@ -189,20 +195,55 @@ class LocalModel:
             else:
                 finish(self._complete(req, value, texts, tokenization_s))  # type: ignore[arg-type]
 
-        req = PendingRequest(done, len(texts), deadline[0], return_routing, own_ms=deadline[1])
-        self.queue.admit([WorkItem(req, i, e.ids, e.truncated, now) for i, e in enumerate(texts)])
+        # Every window is a work item of its own: the queue's bound, its token count and its batches count windows.
+        items = [(w, enc.truncated) for enc in texts for w in enc.windows]
+        req = PendingRequest(done, len(items), deadline[0], return_routing, own_ms=deadline[1])
+        self.queue.admit([WorkItem(req, i, ids, cut, now) for i, (ids, cut) in enumerate(items)])
         return req
 
     def _complete(
-        self, req: PendingRequest, results: list[TextResult], encoded: list[Encoded], tokenization_s: float
+        self, req: PendingRequest, results: list[TextResult], encoded: list[Windowed], tokenization_s: float
     ) -> ClassifyResult:
-        if req.return_routing:
-            vocab = self.backend.tokenizer.tokenizer
-            for r, enc in zip(results, encoded, strict=True):
-                r.tokens = [vocab.id_to_token(t) or "" for t in enc.ids]
-        # Counted here, once, for every API that classifies (/v1 and /v2 alike).
-        self.m.texts.inc(len(results))
-        truncated = sum(r.truncated for r in results)
+        """The request's answer from its windows' results: one TextResult per text."""
+        vocab = self.backend.tokenizer.tokenizer if req.return_routing else None
+        texts, at = [], 0
+        for enc in encoded:
+            texts.append(join_windows(results[at : at + len(enc.windows)], enc, vocab))
+            at += len(enc.windows)
+        # Counted here, once per text, for every API that classifies (/v1 and /v2 alike).
+        self.m.texts.inc(len(texts))
+        for enc in encoded:
+            self.m.windows.observe(len(enc.windows))
+        truncated = sum(enc.truncated for enc in encoded)
         if truncated:
             self.m.truncated.inc(truncated)
-        return ClassifyResult(results, tokenization_s, req.queue_s, req.inference_s)
+        return ClassifyResult(texts, tokenization_s, req.queue_s, req.inference_s)
+
+
+def too_long(model: str, max_len: int, i: int, enc: Windowed, policy: LongTextPolicy) -> ServiceError:
+    """The 422 for a text that may not be cut: over the maximum length, or over the window cap when chunked."""
+    n = enc.original_length
+    if policy.mode == "truncate":
+        how = f"{n - max_len} more than model {model!r} accepts ({max_len}); shorten it, send truncate=true "
+        how += 'or long_text="chunk"'
+    else:
+        how = f"more than {policy.max_windows} windows of {max_len} (the server's max_windows) cover; shorten it "
+        how += "or send truncate=true to read its first windows only"
+    return ServiceError(ErrorKind.INPUT_TOO_LONG, f"inputs[{i}] has {n} tokens, {how}", field=f"inputs[{i}]")
+
+
+def join_windows(parts: list[TextResult], enc: Windowed, vocab: Any | None) -> TextResult:
+    """A text's one result from its windows' (in order): pooled logits, every window's tokens; with `vocab` (the
+    request asked for routing), the token strings and the routing of every window, window after window."""
+    lengths = [len(w) for w in enc.windows]
+    logits = pool_logits(np.stack([p.logits for p in parts]), lengths)
+    r = TextResult(logits, sum(lengths), enc.truncated, windows=len(parts))
+    if vocab is not None and parts[0].routing is not None:
+        r.tokens = [vocab.id_to_token(t) or "" for w in enc.windows for t in w]
+        r.window_tokens = lengths
+        joined = zip(*(p.routing or [] for p in parts), strict=True)  # per layer: that layer of every window
+        r.routing = [
+            LayerRouting(np.concatenate([w.expert_ids for w in layer]), np.concatenate([w.gates for w in layer]))
+            for layer in joined
+        ]
+    return r

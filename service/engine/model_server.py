@@ -154,5 +154,10 @@ class ModelServer:
 
         model = self.engine.get(h["model"])
         self.pending[key] = model.submit(
-            h["texts"], truncate=h["truncate"], return_routing=h["routing"], timeout_s=h["timeout_s"], finish=finish
+            h["texts"],
+            truncate=h["truncate"],
+            long_text=h["long_text"],
+            return_routing=h["routing"],
+            timeout_s=h["timeout_s"],
+            finish=finish,
         )

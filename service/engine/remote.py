@@ -34,6 +34,7 @@ from service.engine.request_queue import deadline_for, retry_after_ms
 from service.engine.results import ClassifyResult
 from service.errors import ErrorKind, ServiceError, deadline_exceeded, queue_full
 from service.metrics import merge_expositions
+from service.modeling.windows import LongText
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 1.0
@@ -175,14 +176,21 @@ class RemoteModel:
         return self.engine.fatal is None
 
     async def classify(
-        self, texts: list[str], *, truncate: bool = True, return_routing: bool = False, timeout_s: float | None = None
+        self,
+        texts: list[str],
+        *,
+        truncate: bool = True,
+        long_text: LongText | None = None,
+        return_routing: bool = False,
+        timeout_s: float | None = None,
     ) -> ClassifyResult:
         n = len(texts)
         self._admit(n)
         # The model process answers deadlines of texts still queued; a batch that runs past one is answered here.
         at, own_ms = deadline_for(timeout_s, self.engine.settings.request_timeout_s)
         wait_s = max(0.0, at - time.monotonic())
-        request = {"model": self.name, "texts": texts, "truncate": truncate, "routing": return_routing}
+        request = {"model": self.name, "texts": texts, "truncate": truncate, "long_text": long_text}
+        request["routing"] = return_routing
         self.in_flight += n
         try:
             header, buffers = await self._call("classify", wait_s, own_ms=own_ms, **request, timeout_s=timeout_s)
@@ -194,7 +202,8 @@ class RemoteModel:
     def _admit(self, n: int) -> None:
         """429 here, before any IPC, when the texts already sent to the model process fill its queue and a batch:
         under overload most requests are refused, and a refusal must cost as little as possible. The model
-        process still checks its queue itself (the authority); this is the cheap early answer."""
+        process still checks its queue itself (the authority, and the one that counts a long text's windows, which
+        only tokenizing tells); this is the cheap early answer."""
         if self.in_flight + n > self.capacity:
             raise queue_full(self.name, retry_after_ms(self.in_flight + n, self.texts_per_s))
 

@@ -12,10 +12,12 @@ from service.backends.base import LayerRouting
 @dataclass
 class TextResult:
     logits: np.ndarray  # [num_labels], already divided by the model's temperature
-    n_tokens: int  # how many tokens the model read
-    truncated: bool
-    routing: list[LayerRouting] | None = None  # this text's tokens only
+    n_tokens: int  # how many tokens the model read (every window's, overlaps included)
+    truncated: bool  # some of the text's tokens were read by no window
+    routing: list[LayerRouting] | None = None  # this text's tokens only, window after window
     tokens: list[str] | None = None  # the token strings, with routing only
+    windows: int = 1  # the windows the text was read in (service/modeling/windows.py)
+    window_tokens: list[int] | None = None  # with routing: each window's tokens, to split routing and tokens
 
 
 @dataclass

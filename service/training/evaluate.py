@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from service.modeling.artifacts import LoadedModel
 from service.modeling.folder import ModelFolder
 from service.modeling.layout import ROUTING_PROFILE_FILE
 from service.modeling.probabilities import softmax
+from service.modeling.windows import LongTextPolicy
 from service.training.calibration import fit_temperature, reliability_bins
 from service.training.data import DataError, Example, cap_examples, load_dataset
 from service.training.metrics import (
@@ -55,7 +57,11 @@ def headline(text: str) -> str:
 
 
 def headline_section(
-    loaded: LoadedModel, examples: list[Example], y: np.ndarray, backend: Backend | None = None
+    loaded: LoadedModel,
+    examples: list[Example],
+    y: np.ndarray,
+    backend: Backend | None = None,
+    policy: LongTextPolicy | None = None,
 ) -> dict[str, Any] | None:
     """The same metrics on each text's first line: how the model does on the short texts a service mostly gets.
 
@@ -63,7 +69,7 @@ def headline_section(
     if not any(len(_lines(e.text)) > 1 for e in examples):
         return None
     folder = loaded.folder
-    preds, _ = predict_texts(loaded, [headline(e.text) for e in examples], backend)
+    preds, _ = predict_texts(loaded, [headline(e.text) for e in examples], backend, policy)
     report = classification_report(preds.probs, y, folder.labels)
     del report["labels"]  # already at the top of the report
     # A temperature fitted on whole texts need not suit their first lines: report how calibrated those are too.
@@ -72,12 +78,19 @@ def headline_section(
 
 
 def evaluate_examples(
-    loaded: LoadedModel, examples: list[Example], split: str, dataset: str, backend: Backend | None = None
+    loaded: LoadedModel,
+    examples: list[Example],
+    split: str,
+    dataset: str,
+    backend: Backend | None = None,
+    policy: LongTextPolicy | None = None,
 ) -> tuple[dict[str, Any], Predictions, np.ndarray]:
-    """The report of the loaded model, or of `backend` (another backend or precision for the same folder)."""
+    """The report of the loaded model, or of `backend` (another backend or precision for the same folder), long
+    texts read as `policy` says (default: as served by default)."""
     folder = loaded.folder
     y = label_ids(folder, examples)
-    preds, encoded = predict_texts(loaded, [e.text for e in examples], backend)
+    policy = policy or LongTextPolicy()
+    preds, encoded = predict_texts(loaded, [e.text for e in examples], backend, policy)
     report = classification_report(preds.probs, y, folder.labels)
     report.update(
         {
@@ -86,12 +99,17 @@ def evaluate_examples(
             "split": split,
             "examples": len(examples),
             "truncated_share": round(float(np.mean([enc.truncated for enc in encoded])), 4),
+            "long_text": {
+                **asdict(policy),
+                "mean_windows": round(float(np.mean([len(enc.windows) for enc in encoded])), 3),
+                "mean_tokens": round(float(preds.num_tokens.mean()), 1),  # what the model read, overlaps included
+            },
             "calibration": calibration_section(preds.logits, y, folder.temperature),
             "expert_utilisation": routing_profile(preds, split, dataset)["layers"],
             "expert_by_class": expert_by_class(preds, y, folder.labels),
         }
     )
-    head = headline_section(loaded, examples, y, backend)
+    head = headline_section(loaded, examples, y, backend, policy)
     if head is not None:
         report["headline"] = head
     return report, preds, y
@@ -130,15 +148,16 @@ def evaluate_model(
     text_column: str | None = None,
     label_column: str | None = None,
     backend: Backend | None = None,
+    policy: LongTextPolicy | None = None,
 ) -> dict[str, Any]:
     """Evaluate on `data` (default: the dataset the model was trained on, with its recorded split settings).
 
     With `backend` (e.g. ONNX int8), the report is that backend's, plus `parity` against torch fp32: the loaded
     model itself, so each split is predicted once by each of the two."""
     examples, dataset = model_examples(loaded.folder, data, split, text_column, label_column)
-    report, preds, y = evaluate_examples(loaded, examples, split, dataset, backend)
+    report, preds, y = evaluate_examples(loaded, examples, split, dataset, backend, policy)
     if backend is not None:
-        reference, _ = predict_texts(loaded, [e.text for e in examples])
+        reference, _ = predict_texts(loaded, [e.text for e in examples], policy=policy)
         engine = {"backend": backend.kind, "precision": backend.info.precision}  # ("precision" is a metric here)
         report = {"engine": engine, **report, "parity": parity(reference, preds)}
     if output_dir is not None:

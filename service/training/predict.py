@@ -3,6 +3,7 @@ backend, or a bare torch model (training's, before it has a folder), over token 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -13,7 +14,8 @@ from service.backends.base import Backend, BatchOutput
 from service.modeling.artifacts import LoadedModel
 from service.modeling.classifier import MoEClassifier
 from service.modeling.probabilities import softmax
-from service.modeling.tokenizer import Encoded, TextTokenizer
+from service.modeling.tokenizer import TextTokenizer
+from service.modeling.windows import LongTextPolicy, Windowed, encode_windows, pool_logits
 
 # One batch of token id lists -> its logits and, per MoE layer, the packed tokens' routing (text after text).
 Forward = Callable[[list[list[int]]], BatchOutput]
@@ -92,10 +94,32 @@ def encode_texts(tokenizer: TextTokenizer, texts: list[str], max_length: int) ->
 
 
 def predict_texts(
-    loaded: LoadedModel, texts: list[str], backend: Backend | None = None
-) -> tuple[Predictions, list[Encoded]]:
-    """The loaded model (or `backend`, another way to run the same folder) on raw texts; probabilities carry the
-    folder's temperature, as served."""
-    encoded = loaded.tokenizer.encode_batch(texts, loaded.folder.config.max_length)
+    loaded: LoadedModel,
+    texts: list[str],
+    backend: Backend | None = None,
+    policy: LongTextPolicy | None = None,
+    max_length: int | None = None,
+) -> tuple[Predictions, list[Windowed]]:
+    """The loaded model (or `backend`, another way to run the same folder) on raw texts, long ones read as `policy`
+    says (default: as served by default); probabilities carry the folder's temperature, as served. max_length: a
+    window shorter than the model's (to measure what reading less costs)."""
+    policy = policy or LongTextPolicy()
+    encoded = encode_windows(loaded.tokenizer, texts, max_length or loaded.folder.config.max_length, policy)
     forward = backend_forward(backend) if backend is not None else loaded_forward(loaded)
-    return predict(forward, [enc.ids for enc in encoded], loaded.folder.temperature), encoded
+    windows = [w for enc in encoded for w in enc.windows]
+    per_window = predict(forward, windows, loaded.folder.temperature)
+    return pool_predictions(per_window, encoded, loaded.folder.temperature), encoded
+
+
+def pool_predictions(per_window: Predictions, encoded: list[Windowed], temperature: float) -> Predictions:
+    """Each text's predictions from its windows': pooled logits, summed expert counts and tokens, routing joined."""
+    if all(len(enc.windows) == 1 for enc in encoded):
+        return per_window
+    bounds = np.cumsum([0] + [len(enc.windows) for enc in encoded])
+    spans = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    logits = np.stack([pool_logits(per_window.logits[s], per_window.num_tokens[s]) for s in spans])
+    counts = [np.stack([c[s].sum(axis=0) for s in spans]) for c in per_window.expert_counts]
+    experts = [[np.concatenate(layer[s]) for s in spans] for layer in per_window.experts]
+    num_tokens = np.array([per_window.num_tokens[s].sum() for s in spans])
+    probs = softmax(logits, temperature).astype(np.float32)
+    return Predictions(logits, probs, counts, num_tokens, experts)

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from service.modeling.artifacts import STORAGE_DTYPES, LoadedModel, load_model, save_model
 from service.modeling.classifier import ClassifierOutput, ModelConfig, MoEClassifier, pad_batch
 from service.modeling.tokenizer import TextTokenizer
+from service.modeling.windows import encode_windows
 from service.training.calibration import fit_temperature
 from service.training.data import Dataset, Example, cap_examples, load_dataset
 from service.training.evaluate import evaluate_examples, headline, write_report, write_routing_profile
 from service.training.metrics import expert_stats, routing_profile
-from service.training.predict import encode_texts, model_forward, predict
+from service.training.predict import encode_texts, model_forward, pool_predictions, predict
 from service.training.recipe import DataRecipe, Recipe, TrainingRecipe
 
 log = logging.getLogger(__name__)
@@ -435,8 +436,11 @@ def write_folder(
 ) -> dict[str, Any]:
     """Model folder: weights, config (with the temperature fitted on validation), recipe, training log, routing
     profile, test report with plots, model card. Returns the test report."""
-    val_ids = encode_texts(tokenizer, [e.text for e in splits["validation"]], model.config.max_length)
-    val_preds = predict(model_forward(model, tokenizer.pad_id), val_ids)  # once: for the temperature and the profile
+    # Once, for the temperature and the profile; long articles read as served by default (windows), so the
+    # temperature is fitted on the logits the server scales.
+    val_windows = encode_windows(tokenizer, [e.text for e in splits["validation"]], model.config.max_length)
+    windows = [w for enc in val_windows for w in enc.windows]
+    val_preds = pool_predictions(predict(model_forward(model, tokenizer.pad_id), windows), val_windows, 1.0)
     label2id = {lab: i for i, lab in enumerate(labels)}
     temperature = fit_temperature(val_preds.logits, np.array([label2id[e.label] for e in splits["validation"]]))
     loaded = save_checked(out, model, tokenizer, labels, meta, temperature, recipe.training.weights_dtype)

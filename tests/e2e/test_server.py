@@ -259,14 +259,19 @@ def test_bad_json_body(server: str) -> None:
 
 
 def test_too_long_text(server: str) -> None:
-    long_text = "the market rallied " * 100  # far more than the tiny model's 64 tokens
+    long_text = "the market rallied " * 400  # far more than the tiny model's 64 tokens, and its 8 windows
     r = httpx.post(f"{server}/v1/classify", json={"inputs": long_text, "truncate": False})
     assert r.status_code == 422
     m = re.search(r"has (\d+) tokens, (\d+) more than model 'tiny' accepts \(64\)", r.json()["error"])
     assert m and int(m.group(1)) - 64 == int(m.group(2))
-    ok = httpx.post(f"{server}/v1/classify", json={"inputs": long_text})
+    ok = httpx.post(f"{server}/v1/classify", json={"inputs": long_text, "long_text": "truncate"})
     assert ok.status_code == 200 and ok.json()["predictions"][0]["truncated"] is True
-    assert ok.json()["predictions"][0]["tokens"] == 64
+    assert ok.json()["predictions"][0]["tokens"] == 64 and ok.json()["predictions"][0]["windows"] == 1
+    # The server's default, chunk: windows of 64 up to MOE_MAX_WINDOWS (8), and this text needs more.
+    chunked = httpx.post(f"{server}/v1/classify", json={"inputs": long_text}).json()["predictions"][0]
+    assert (chunked["windows"], chunked["tokens"], chunked["truncated"]) == (8, 8 * 64, True)
+    over_cap = httpx.post(f"{server}/v1/classify", json={"inputs": long_text, "long_text": "chunk", "truncate": False})
+    assert over_cap.status_code == 422 and "more than 8 windows of 64" in over_cap.json()["error"]
 
 
 def test_body_too_large(server: str) -> None:
@@ -536,7 +541,7 @@ def test_model_names_cannot_reach_outside_the_repository(server: str) -> None:
 
 def test_v1_and_v2_count_texts_and_truncations_alike(server: str) -> None:
     """Text and truncation counters live in the engine: both APIs count the same way (v2 used to skip truncations)."""
-    long_text = "the market rallied " * 100  # over the tiny model's 64 tokens
+    long_text = "the market rallied " * 400  # over the tiny model's 64 tokens, and its 8 windows
 
     def counts() -> tuple[float, float]:
         text = httpx.get(f"{server}/metrics").text

@@ -165,16 +165,17 @@ def test_default_model_meets_its_bar(tmp_path: Path) -> None:
 
 
 def test_pretrained_model_meets_its_bar(tmp_path: Path) -> None:
-    """The committed converted MiniLM model, evaluated afresh by the CLI: issue 7's floor on articles, headlines
-    and calibration, and the 60 MB a committed folder may take."""
+    """The committed converted MiniLM model, evaluated afresh by the CLI in the default serving mode (whole articles
+    read in windows): issue 17's floor on articles, issue 7's on headlines, calibration, and the 60 MB a committed
+    folder may take."""
     folder = ROOT / "models" / "bbc-news-minilm-moe"
     r = _cli("evaluate", "--model", str(folder), "--split", "test", "--output-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["examples"] == 426
-    assert report["macro_f1"] >= 0.975, report["macro_f1"]
-    assert report["headline"]["macro_f1"] >= 0.85, report["headline"]["macro_f1"]
-    assert report["calibration"]["ece"] <= 0.03, report["calibration"]
+    assert report["macro_f1"] >= 0.98 and report["long_text"]["mean_windows"] > 2, report["macro_f1"]
+    assert report["headline"]["macro_f1"] >= 0.894, report["headline"]["macro_f1"]
+    assert report["calibration"]["ece"] <= 0.02, report["calibration"]
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".onnx"))
     assert size <= 60_000_000, size
 

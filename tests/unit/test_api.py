@@ -169,3 +169,39 @@ def test_unexpected_error_is_a_500_with_the_request_id(make_client, monkeypatch:
     r = client.post("/v1/classify", json={"inputs": "x"}, headers={"x-request-id": "abc-1"})
     assert r.status_code == 500 and r.headers["x-request-id"] == "abc-1"
     assert "abc-1" in r.json()["error"] and "secret" not in r.text
+
+
+def test_long_texts_are_chunked_by_default_and_the_answer_says_how(make_client) -> None:
+    """Both paths (the model server over inproc:// and one process): windows, tokens and truncation in the answer,
+    routing over every window, the request's long_text over the setting, and the 422s."""
+    client = make_client(chunk_overlap=16)
+    long = "".join(chr(ord("a") + i % 26) for i in range(150))  # 150 fake tokens: windows at 0, 48 and 86
+    body = {"inputs": [long, "short"], "return_routing": True}
+    chunked, short = client.post("/v1/classify", json=body).json()["predictions"]
+    assert (chunked["windows"], chunked["tokens"], chunked["truncated"]) == (3, 192, False)
+    assert chunked["routing"]["window_tokens"] == [64, 64, 64] and len(chunked["routing"]["tokens"]) == 192
+    assert len(chunked["routing"]["layers"][0]["experts"]) == 192
+    assert (short["windows"], short["truncated"], short["routing"]["window_tokens"]) == (1, False, [5])
+    cut = client.post("/v1/classify", json={"inputs": long, "long_text": "truncate"}).json()["predictions"][0]
+    assert (cut["windows"], cut["tokens"], cut["truncated"]) == (1, 64, True)
+    refused = client.post("/v1/classify", json={"inputs": ["ok", long], "truncate": False})
+    assert refused.status_code == 422 and refused.json()["type"] == "input_too_long"
+    assert refused.json()["field"] == "inputs[1]"
+    bad = client.post("/v1/classify", json={"inputs": long, "long_text": "summarise"})
+    assert bad.status_code == 422 and bad.json()["field"] == "long_text"
+
+
+def test_v2_reads_long_text_from_its_parameters(make_client) -> None:
+    client = make_client(chunk_overlap=16)
+    long = "".join(chr(ord("a") + i % 26) for i in range(150))
+
+    def infer(parameters: dict | None) -> object:
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [long]}]}
+        return client.post("/v2/models/alpha/infer", json={**body, "parameters": parameters})
+
+    chunked, cut = infer(None).json(), infer({"long_text": "truncate"}).json()
+    v1 = client.post("/v1/classify", json={"inputs": long}).json()["predictions"][0]
+    assert chunked["outputs"][0]["data"] == [v1["label"]]
+    assert chunked["outputs"][1]["data"] != cut["outputs"][1]["data"]  # a different reading, different scores
+    bad = infer({"long_text": "all"})
+    assert bad.status_code == 422 and bad.json()["field"] == "parameters.long_text"

@@ -25,13 +25,13 @@ def test_overload_is_refused_before_tokenizing() -> None:
     """A request that cannot fit in the queue gets its 429 (with the wait in ms) without a token being computed."""
     worker = ServedModel(FakeBackend(), max_queue_texts=4, max_wait_ms=0).model
     calls: list[int] = []
-    original = worker.backend.tokenizer.encode_batch
+    original = worker.backend.tokenizer.encode_inner
 
-    def counting(texts: list[str], max_length: int):
+    def counting(texts: list[str]):
         calls.append(len(texts))
-        return original(texts, max_length)
+        return original(texts)
 
-    worker.backend.tokenizer.encode_batch = counting  # type: ignore[method-assign]
+    worker.backend.tokenizer.encode_inner = counting  # type: ignore[method-assign]
     with pytest.raises(ServiceError) as refused:
         asyncio.run(worker.classify(["market news"] * 5))
     assert refused.value.status == 429 and int(refused.value.headers["retry-after-ms"]) >= 1

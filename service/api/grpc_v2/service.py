@@ -25,6 +25,7 @@ from service.api.oip import (
     SERVER_NAME,
     SERVER_VERSION,
     infer_request,
+    long_text_option,
     model_metadata,
     output_tensors,
     request_texts,
@@ -144,7 +145,7 @@ class InferenceService:
         req = infer_request(codec.request_document(request))
         texts = request_texts(req, self.state.settings.max_client_batch_size)
         wanted = wanted_outputs(req)
-        result = await model.classify(texts)
+        result = await model.classify(texts, long_text=long_text_option(req.parameters))
         tensors = output_tensors(model, result)
         return codec.infer_response(model.name, request.id, tensors, wanted, raw=bool(request.raw_input_contents))
 
