@@ -159,4 +159,6 @@ def test_evaluate_reports_parity_for_another_backend(onnx_models_dir: Path) -> N
     assert p["max_abs_diff"] <= TOL and p["argmax_agreement"] == 1.0 and p["routing_agreement"] >= 0.999
     assert len(p["routing_agreement_per_layer"]) == bundle.model.config.n_layers  # every block is MoE here
     assert min(p["routing_agreement_per_layer"]) >= 0.999
+    head = got["headline"]["parity"]
+    assert head["max_abs_diff"] <= TOL and head["argmax_agreement"] == 1.0 and head["routing_agreement"] >= 0.999
     assert got["macro_f1"] == ref["macro_f1"] and got["headline"]["macro_f1"] == ref["headline"]["macro_f1"]
