@@ -30,12 +30,13 @@ class DataRecipe(_Strict):
 
 def _model_recipe() -> type[BaseModel]:
     """The recipe's `model` section: every ModelConfig field with its default, except those the data decides
-    (labels, padding id). Derived, so the two cannot drift apart; vocab_size is the size of the tokenizer to train."""
+    (labels, padding id, tasks). Derived, so the two cannot drift apart; vocab_size is the size of the tokenizer to
+    train."""
     hints = typing.get_type_hints(ModelConfig)
     fields: dict[str, Any] = {
         f.name: (hints[f.name], 8000 if f.name == "vocab_size" else f.default)
         for f in dataclasses.fields(ModelConfig)
-        if f.name not in ("num_labels", "pad_token_id")
+        if f.name not in ("num_labels", "pad_token_id", "tasks")
     }
     return create_model("ModelRecipe", __base__=_Strict, **fields)
 
