@@ -46,9 +46,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     if out is None:
         data_name = Path(args.data).stem if args.data else folder.training.get("dataset", "data")
         out = Path("reports") / f"{folder.name}-{data_name}-{args.split}{variant}"
+    if folder.tasks or args.task:
+        return _evaluate_tasks(args, loaded, out, variant)
     backend = load_backend(folder, "cpu", args.backend, precision=args.precision) if variant else None
     report = evaluate_model(loaded, args.data, args.split, out, args.text_column, args.label_column, backend)
     print(json.dumps(report, indent=2))
+    print(f"report and plots written to {out}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_tasks(args: argparse.Namespace, loaded: Any, out: Path, variant: str) -> int:
+    """A multi-task folder: every task (or those of --task), each as a single-task report, and the summary."""
+    from service.training.task_eval import evaluate_tasks
+
+    if variant:
+        raise ValueError("multi-task folders are evaluated with the torch backend at fp32 (no ONNX graphs yet)")
+    if args.text_column or args.label_column:
+        raise ValueError("--text-column and --label-column are per task: a multi-task folder records its own")
+    summary = evaluate_tasks(loaded, args.split, out, args.task, args.data)
+    print(json.dumps(summary, indent=2))
     print(f"report and plots written to {out}", file=sys.stderr)
     return 0
 
@@ -178,6 +194,7 @@ def _add_evaluate(sub: Subparsers) -> None:
     e.add_argument("--text-column")
     e.add_argument("--label-column")
     e.add_argument("--output-dir", help="where to write eval.json and plots (default: reports/<model>-<data>-<split>)")
+    e.add_argument("--task", action="append", help="multi-task folders: evaluate this task (repeatable; default all)")
     e.add_argument("--backend", default=REFERENCE.backend, choices=BACKENDS, help="onnx needs `moe-serve export` first")
     e.add_argument("--precision", default=REFERENCE.precision, choices=ALL_PRECISIONS, help=runs_summary())
     e.set_defaults(func=_evaluate)

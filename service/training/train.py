@@ -298,6 +298,10 @@ class Trainer:
         pred = predict(model_forward(net, self.tokenizer.pad_id), self.val_ids).probs.argmax(1)
         return float(np.mean(pred == self.y_val)), _macro_f1(self.y_val, pred, self.num_labels)
 
+    def validation_detail(self) -> dict[str, Any]:
+        """Validation figures beside the one early stopping uses (multi-task: each task's macro-F1)."""
+        return {}
+
     def keep_best(self, best: EarlyStopping, texts: list[str]) -> dict[str, Any]:
         """The model set to the best epoch's weights as stored; returns the storage record (what rounding to the
         storage dtype moved on `texts`, against the unrounded weights)."""
@@ -325,6 +329,7 @@ def fit(run: Trainer, progress: bool, t0: float) -> tuple[list[dict[str, Any]], 
             "val_macro_f1": round(f1, 4),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        row.update(run.validation_detail())
         history.append(row)
         _log_epoch(row)
         if not best.keep_going(epoch, f1, run.selected):
@@ -334,6 +339,10 @@ def fit(run: Trainer, progress: bool, t0: float) -> tuple[list[dict[str, Any]], 
 
 def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train per `recipe`, write the model folder, return a summary (best epoch, validation and test metrics)."""
+    if recipe.data.multi_task:
+        from service.training.multitask import train_multitask
+
+        return train_multitask(recipe, output_dir, progress)
     t0 = time.perf_counter()
     tr = recipe.training
     if tr.threads:
@@ -457,9 +466,9 @@ def save_checked(
     out: Path,
     model: MoEClassifier,
     tokenizer: TextTokenizer,
-    labels: list[str],
+    labels: list[str] | dict[str, list[str]],
     meta: dict[str, Any],
-    temperature: float,
+    temperature: float | dict[str, float],
     weights_dtype: str,
 ) -> LoadedModel:
     """Save the folder and load it back: the report is then of the folder as written."""

@@ -180,3 +180,29 @@ def test_onnx_export_refuses_multi_task_models(tmp_path: Path) -> None:
 
     with pytest.raises(MultiTaskExportError, match=r"does not support multi-task models yet .* torch backend"):
         export_graph(_model(), tmp_path / "m.onnx")
+
+
+def test_task_mix_by_size_and_temperature() -> None:
+    import random
+
+    from service.training.multitask import epoch_rows, task_quotas
+
+    assert task_quotas([900, 100], 1.0) == [900, 100]  # by size
+    assert task_quotas([900, 100], 1e6) == [500, 500]  # evenly
+    q = task_quotas([900, 100], 2.0)  # sqrt: 30 : 10
+    assert q == [750, 250]
+    rows = epoch_rows([list(range(900)), list(range(900, 1000))], q, random.Random(0))
+    assert len(rows) == 1000 and sum(r >= 900 for r in rows) == 250
+    assert set(range(900, 1000)) <= set(rows)  # the small task's texts each come (250 draws cover its 100 twice)
+
+
+def test_specialization_is_zero_for_shared_experts_and_one_bit_for_disjoint() -> None:
+    import numpy as np
+
+    from service.training.metrics import task_expert_shares, task_specialization
+
+    same = task_expert_shares({"a": [np.array([[3, 1, 0, 0]])], "b": [np.array([[6, 2, 0, 0]])]})
+    assert same[0] == {"a": [0.75, 0.25, 0.0, 0.0], "b": [0.75, 0.25, 0.0, 0.0]}
+    assert task_specialization(same)[0]["mutual_information_bits"] == 0.0
+    apart = task_expert_shares({"a": [np.array([[5, 5, 0, 0]])], "b": [np.array([[0, 0, 1, 1]])]})
+    assert task_specialization(apart)[0] == {"layer": 0, "mutual_information_bits": 1.0, "share_of_max": 1.0}
