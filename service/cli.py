@@ -104,12 +104,32 @@ def _calibrate(args: argparse.Namespace) -> int:
     from service.training.evaluate import calibrate, model_examples
 
     loaded = load_model(args.model)
+    if loaded.folder.tasks:
+        return _calibrate_tasks(args, loaded)
     examples, _ = model_examples(loaded.folder, None, args.split)
     temperature, section = calibrate(loaded, examples)
     write_temperature(args.model, temperature)
     result = {"model": loaded.folder.name, "split": args.split, "examples": len(examples), **section}
     print(json.dumps(result, indent=2))
     print(f"temperature {temperature} written to {Path(args.model) / 'config.json'}", file=sys.stderr)
+    return 0
+
+
+def _calibrate_tasks(args: argparse.Namespace, loaded: Any) -> int:
+    """A temperature per task, each fitted on that task's own split, written into config.json's tasks."""
+    from service.modeling.folder import write_task_temperatures
+    from service.modeling.task_view import task_names, task_view
+    from service.training.evaluate import calibrate, model_examples
+
+    result, temperatures = {"model": loaded.folder.name, "split": args.split, "tasks": {}}, {}
+    for task in task_names(loaded):
+        view = task_view(loaded, task)
+        examples, _ = model_examples(view.folder, None, args.split)
+        temperatures[task], section = calibrate(view, examples)
+        result["tasks"][task] = {"examples": len(examples), **section}
+    write_task_temperatures(args.model, temperatures)
+    print(json.dumps(result, indent=2))
+    print(f"temperatures {temperatures} written to {Path(args.model) / 'config.json'}", file=sys.stderr)
     return 0
 
 

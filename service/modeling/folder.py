@@ -115,6 +115,17 @@ def update_config(model_dir: str | Path, **keys: Any) -> None:
     write_config(path, config)
 
 
+def write_task_temperatures(model_dir: str | Path, temperatures: dict[str, float]) -> None:
+    """A multi-task folder's temperatures, per task, into config.json's tasks (the rest kept as is)."""
+    path = Path(model_dir)
+    tasks = json.loads((path / CONFIG_FILE).read_text())["tasks"]
+    for task, t in temperatures.items():
+        if task not in tasks or not valid_temperature(t):
+            raise ValueError(f"no task {task!r}, or temperature {t!r} is not a finite number > 0")
+        tasks[task]["temperature"] = float(t)
+    update_config(path, tasks=tasks)
+
+
 def write_temperature(model_dir: str | Path, temperature: float) -> None:
     if not valid_temperature(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

@@ -68,3 +68,20 @@ def test_evaluate_cli_reports_every_task(tiny_multitask_dir: Path, tmp_path: Pat
 def test_export_refuses_a_multi_task_folder(tiny_multitask_dir: Path) -> None:
     r = _cli("export", "--model", str(tiny_multitask_dir))
     assert r.returncode != 0 and "does not support multi-task models yet" in r.stderr
+
+
+def test_calibrate_cli_fits_a_temperature_per_task(tiny_multitask_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_multitask_dir, model)
+    before = json.loads((model / "config.json").read_text())
+    r = _cli("calibrate", "--model", str(model))
+    assert r.returncode == 0, r.stderr
+    fitted = json.loads(r.stdout)["tasks"]
+    after = json.loads((model / "config.json").read_text())
+    assert set(fitted) == {"mood", "topic"}
+    for task in ("mood", "topic"):
+        assert after["tasks"][task]["temperature"] == fitted[task]["temperature"]
+        assert after["tasks"][task]["labels"] == before["tasks"][task]["labels"]
+    assert {k: v for k, v in after.items() if k != "tasks"} == {k: v for k, v in before.items() if k != "tasks"}
