@@ -156,6 +156,7 @@ def tiny_multitask_recipe(source: Path, **training: object) -> object:
                 "patience": 3,
                 "ema_decay": None,
                 "validate_headlines": True,
+                "weights_dtype": "float16",  # the stored weights are the selected ones, rounded (checked per task)
                 "task_weights": {"mood": 1.0, "topic": 2.0},
                 **training,
             },

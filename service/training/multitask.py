@@ -6,6 +6,7 @@ macro-F1) and a temperature per task. The rest (augmentation, optimiser, selecte
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from service.training.recipe import DataRecipe, Recipe
 from service.training.task_data import TaskDatasets, TaskSource, load_task_file, load_tasks
 from service.training.task_eval import task_summary, write_summary
 from service.training.train import (
+    EarlyStopping,
     Selected,
     Trainer,
     _augment,
@@ -38,6 +40,7 @@ from service.training.train import (
     _optimizer,
     _train_texts,
     _validation_examples,
+    compare_models,
     fit,
     save_checked,
     seed_everything,
@@ -186,6 +189,22 @@ class MultiTaskTrainer(Trainer):
     def validation_detail(self) -> dict[str, Any]:
         return self.by_task
 
+    def keep_best(self, best: EarlyStopping, texts: dict[str, list[str]]) -> dict[str, Any]:  # type: ignore[override]
+        """As Trainer.keep_best; what rounding to the storage dtype moved is measured per task on its `texts`."""
+        assert best.state is not None
+        storage: dict[str, Any] = {"weights_dtype": self.tr.weights_dtype}
+        if best.unrounded is not None:
+            self.model.load_state_dict(best.unrounded)
+            twin = copy.deepcopy(self.model)
+            twin.load_state_dict(best.state)
+            storage["rounding_vs_unrounded"] = {
+                task: compare_models(TaskModel(self.model, t), TaskModel(twin, t), self.tokenizer, texts[task])
+                for t, task in enumerate(self.tasks)
+            }
+        self.model.load_state_dict(best.state)
+        self.model.eval()
+        return storage
+
 
 def build_multitask_model(recipe: Recipe, train_texts: list[str], labels: dict[str, list[str]]):
     """As train.build_model, with a head per task and a router per task in the task-routed layers."""
@@ -229,7 +248,7 @@ def train_multitask(recipe: Recipe, output_dir: str | Path, progress: bool = Tru
     data, splits = load_task_splits(recipe.data)
     run = MultiTaskTrainer(recipe, splits, data.labels())
     history, best = fit(run, progress, t0)
-    storage = run.keep_best(best, [e.text for t in run.tasks for e in splits[t]["validation"][:200]])
+    storage = run.keep_best(best, {t: [e.text for e in splits[t]["validation"] + splits[t]["test"]] for t in run.tasks})
     meta = task_meta(recipe, data, splits, {"storage": storage, "best_epoch": best.epoch, "epochs_run": len(history)})
     meta["train_seconds"] = round(time.perf_counter() - t0, 1)
     report = write_task_folder(Path(output_dir), recipe, run, data.labels(), meta, history, splits)

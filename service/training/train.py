@@ -398,9 +398,14 @@ def compare_weights(
     """How far `model` and the same architecture with weights `other` answer apart on `texts` (probabilities)."""
     twin = copy.deepcopy(model)
     twin.load_state_dict(other)
-    ids = encode_texts(tokenizer, texts, model.config.max_length)
-    a = predict(model_forward(model, tokenizer.pad_id), ids).probs
-    b = predict(model_forward(twin, tokenizer.pad_id), ids).probs
+    return compare_models(model, twin, tokenizer, texts)
+
+
+def compare_models(a_model: Any, b_model: Any, tokenizer: TextTokenizer, texts: list[str]) -> dict[str, Any]:
+    """How far two models (or one task of two multi-task models) answer apart on `texts` (probabilities)."""
+    ids = encode_texts(tokenizer, texts, a_model.config.max_length)
+    a = predict(model_forward(a_model, tokenizer.pad_id), ids).probs
+    b = predict(model_forward(b_model, tokenizer.pad_id), ids).probs
     return {
         "texts": len(texts),
         "max_abs_prob_diff": round(float(np.abs(a - b).max()), 6),

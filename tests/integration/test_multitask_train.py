@@ -24,6 +24,8 @@ def test_folder_holds_every_task_and_what_the_experts_do(tiny_multitask_dir: Pat
     raw = json.loads((tiny_multitask_dir / "config.json").read_text())
     assert list(raw["tasks"]) == ["mood", "topic"] and raw["architecture"]["tasks"] == {"mood": 2, "topic": 3}
     assert all(t["temperature"] > 0 for t in raw["tasks"].values())
+    rounding = raw["training"]["storage"]["rounding_vs_unrounded"]  # fp16 storage: what it moved, per task
+    assert set(rounding) == {"mood", "topic"} and all(r["argmax_agreement"] > 0.9 for r in rounding.values())
     log = json.loads((tiny_multitask_dir / "training_log.json").read_text())
     assert {"val_macro_f1_mood", "val_macro_f1_topic"} <= set(log[0])
     summary = json.loads((tiny_multitask_dir / "eval.json").read_text())
