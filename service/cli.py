@@ -1,4 +1,4 @@
-"""`moe-serve` command line: train | evaluate | calibrate | export | serve | bench. Thin wrappers over modules."""
+"""`moe-serve` command line: train | evaluate | extract | calibrate | export | serve | bench. Thin wrappers."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def _evaluate_tasks(args: argparse.Namespace, loaded: Any, out: Path, variant: s
     summary = evaluate_tasks(loaded, args.split, out, args.task, args.data)
     print(json.dumps(summary, indent=2))
     print(f"report and plots written to {out}", file=sys.stderr)
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from service.training.extract import extract_task
+
+    result = extract_task(args.model, args.task, args.output, args.min_share)
+    print(json.dumps(result, indent=2))
+    print(f"task {args.task} written to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -206,6 +215,21 @@ def _add_train(sub: Subparsers) -> None:
     t.set_defaults(func=_train)
 
 
+def _add_extract(sub: Subparsers) -> None:
+    x = sub.add_parser("extract", help="one task of a multi-task folder as its own folder, with the experts it uses")
+    x.add_argument("--model", required=True, help="a multi-task model folder")
+    x.add_argument("--task", required=True)
+    x.add_argument("--output", required=True, help="the folder to write")
+    x.add_argument(
+        "--min-share",
+        type=float,
+        default=0.01,
+        help="drop experts taking less than this share of the task's validation tokens (every layer keeps as many "
+        "as the layer that needs the most)",
+    )
+    x.set_defaults(func=_extract)
+
+
 def _add_evaluate(sub: Subparsers) -> None:
     e = sub.add_parser("evaluate", help="evaluate a model folder; JSON report on stdout, report + plots on disk")
     e.add_argument("--model", required=True, help="model folder, e.g. models/bbc-news-moe")
@@ -278,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     levels = " | ".join(get_args(Settings.model_fields["log_level"].annotation))
     p.add_argument("--log-level", help=f"{levels} (default: info, or MOE_LOG_LEVEL)")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_export, _add_calibrate, _add_serve, _add_bench):
+    for add in (_add_train, _add_evaluate, _add_extract, _add_export, _add_calibrate, _add_serve, _add_bench):
         add(sub)
     return p
 

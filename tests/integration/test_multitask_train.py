@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from service.modeling.artifacts import load_model
@@ -87,3 +88,42 @@ def test_calibrate_cli_fits_a_temperature_per_task(tiny_multitask_dir: Path, tmp
         assert after["tasks"][task]["temperature"] == fitted[task]["temperature"]
         assert after["tasks"][task]["labels"] == before["tasks"][task]["labels"]
     assert {k: v for k, v in after.items() if k != "tasks"} == {k: v for k, v in before.items() if k != "tasks"}
+
+
+def test_extract_keeps_one_task_and_the_experts_it_uses(tiny_multitask_dir: Path, tmp_path: Path) -> None:
+    from service.modeling.task_view import task_view
+    from service.training.extract import extract_task, kept_experts
+
+    # Every expert kept: the extracted folder is the task itself, an ordinary single-task folder.
+    whole = extract_task(tiny_multitask_dir, "topic", tmp_path / "all", min_share=0.0)
+    assert whole["kept_experts"] == [[0, 1, 2, 3]] * 2
+    small = load_model(tmp_path / "all")
+    assert small.folder.tasks == () and small.folder.labels == ("business", "sport", "tech")
+    full = task_view(load_model(tiny_multitask_dir), "topic")
+    assert small.folder.temperature == full.folder.temperature
+    ids = [e.ids for e in small.tokenizer.encode_batch(["stocks fell\nbank news", "team goal season"], 48)]
+    with torch.no_grad():
+        a = small.model(*pad_batch(ids, small.tokenizer.pad_id)).logits
+        b = full.model(*pad_batch(ids, small.tokenizer.pad_id)).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert whole["extracted"]["macro_f1"] == whole["full"]["macro_f1"] and whole["size_ratio"] < 1  # one head less
+    # A threshold above every share: top_k experts a layer, the most used; the folder still loads and answers.
+    r = _cli(
+        "extract",
+        "--model",
+        str(tiny_multitask_dir),
+        "--task",
+        "mood",
+        "--output",
+        str(tmp_path / "few"),
+        "--min-share",
+        "0.99",
+    )
+    assert r.returncode == 0, r.stderr
+    few = json.loads(r.stdout)
+    assert all(len(k) == 2 for k in few["kept_experts"]) and few["size_ratio"] < whole["size_ratio"]
+    assert load_model(tmp_path / "few").model.config.num_experts == 2
+    assert kept_experts([np.array([0.5, 0.3, 0.15, 0.05]), np.array([0.9, 0.04, 0.03, 0.03])], 0.1, 2) == [
+        [0, 1, 2],
+        [0, 1, 2],  # ties between equal shares: the lower id first
+    ]
