@@ -206,3 +206,18 @@ def test_specialization_is_zero_for_shared_experts_and_one_bit_for_disjoint() ->
     assert task_specialization(same)[0]["mutual_information_bits"] == 0.0
     apart = task_expert_shares({"a": [np.array([[5, 5, 0, 0]])], "b": [np.array([[0, 0, 1, 1]])]})
     assert task_specialization(apart)[0] == {"layer": 0, "mutual_information_bits": 1.0, "share_of_max": 1.0}
+
+
+@pytest.mark.parametrize("routed", [None, 1, 0])
+def test_several_tasks_of_one_text_share_the_bottom_layers(routed: int | None) -> None:
+    """forward_tasks runs the shared bottom once per text and gives the logits of the texts repeated per task."""
+    model = _model(n_layers=3, task_routed_layers=routed)
+    seqs = _texts(5)
+    asked = [[0, 1], [1], [1, 0], [0], [0, 1]]
+    with torch.no_grad():
+        logits, row_text = model.forward_tasks(*pad_batch(seqs), asked)
+        repeated = [seqs[i] for i, ts in enumerate(asked) for _ in ts]
+        tasks = torch.tensor([t for ts in asked for t in ts])
+        expected = model(*pad_batch(repeated), tasks).logits
+    assert row_text.tolist() == [0, 0, 1, 2, 2, 3, 4, 4]
+    torch.testing.assert_close(logits, expected, atol=TOL, rtol=TOL)
