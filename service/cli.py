@@ -1,4 +1,4 @@
-"""`moe-serve` command line: train | evaluate | calibrate | export | serve | bench. Thin wrappers over modules."""
+"""`moe-serve` command line: train | evaluate | extract | calibrate | export | serve | bench. Thin wrappers."""
 
 from __future__ import annotations
 
@@ -49,12 +49,37 @@ def _evaluate(args: argparse.Namespace) -> int:
         data_name = Path(args.data).stem if args.data else folder.training.get("dataset", "data")
         mode = "" if policy == Settings().long_text_policy() else f"-{policy.mode}"
         out = Path("reports") / f"{folder.name}-{data_name}-{args.split}{variant}{mode}"
+    if folder.tasks or args.task:
+        return _evaluate_tasks(args, loaded, out, variant)
     backend = load_backend(folder, "cpu", args.backend, precision=args.precision) if variant else None
     report = evaluate_model(
         loaded, args.data, args.split, out, args.text_column, args.label_column, backend, policy=policy
     )
     print(json.dumps(report, indent=2))
     print(f"report and plots written to {out}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_tasks(args: argparse.Namespace, loaded: Any, out: Path, variant: str) -> int:
+    """A multi-task folder: every task (or those of --task), each as a single-task report, and the summary."""
+    from service.training.task_eval import evaluate_tasks
+
+    if variant:
+        raise ValueError("multi-task folders are evaluated with the torch backend at fp32 (no ONNX graphs yet)")
+    if args.text_column or args.label_column:
+        raise ValueError("--text-column and --label-column are per task: a multi-task folder records its own")
+    summary = evaluate_tasks(loaded, args.split, out, args.task, args.data)
+    print(json.dumps(summary, indent=2))
+    print(f"report and plots written to {out}", file=sys.stderr)
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from service.training.extract import extract_task
+
+    result = extract_task(args.model, args.task, args.output, args.min_share)
+    print(json.dumps(result, indent=2))
+    print(f"task {args.task} written to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -93,12 +118,32 @@ def _calibrate(args: argparse.Namespace) -> int:
     from service.training.evaluate import calibrate, model_examples
 
     loaded = load_model(args.model)
+    if loaded.folder.tasks:
+        return _calibrate_tasks(args, loaded)
     examples, _ = model_examples(loaded.folder, None, args.split)
     temperature, section = calibrate(loaded, examples)
     write_temperature(args.model, temperature)
     result = {"model": loaded.folder.name, "split": args.split, "examples": len(examples), **section}
     print(json.dumps(result, indent=2))
     print(f"temperature {temperature} written to {Path(args.model) / 'config.json'}", file=sys.stderr)
+    return 0
+
+
+def _calibrate_tasks(args: argparse.Namespace, loaded: Any) -> int:
+    """A temperature per task, each fitted on that task's own split, written into config.json's tasks."""
+    from service.modeling.folder import write_task_temperatures
+    from service.modeling.task_view import task_names, task_view
+    from service.training.evaluate import calibrate, model_examples
+
+    result, temperatures = {"model": loaded.folder.name, "split": args.split, "tasks": {}}, {}
+    for task in task_names(loaded):
+        view = task_view(loaded, task)
+        examples, _ = model_examples(view.folder, None, args.split)
+        temperatures[task], section = calibrate(view, examples)
+        result["tasks"][task] = {"examples": len(examples), **section}
+    write_task_temperatures(args.model, temperatures)
+    print(json.dumps(result, indent=2))
+    print(f"temperatures {temperatures} written to {Path(args.model) / 'config.json'}", file=sys.stderr)
     return 0
 
 
@@ -175,6 +220,21 @@ def _add_train(sub: Subparsers) -> None:
     t.set_defaults(func=_train)
 
 
+def _add_extract(sub: Subparsers) -> None:
+    x = sub.add_parser("extract", help="one task of a multi-task folder as its own folder, with the experts it uses")
+    x.add_argument("--model", required=True, help="a multi-task model folder")
+    x.add_argument("--task", required=True)
+    x.add_argument("--output", required=True, help="the folder to write")
+    x.add_argument(
+        "--min-share",
+        type=float,
+        default=0.01,
+        help="drop experts taking less than this share of the task's validation tokens (every layer keeps as many "
+        "as the layer that needs the most)",
+    )
+    x.set_defaults(func=_extract)
+
+
 def _add_evaluate(sub: Subparsers) -> None:
     e = sub.add_parser("evaluate", help="evaluate a model folder; JSON report on stdout, report + plots on disk")
     e.add_argument("--model", required=True, help="model folder, e.g. models/bbc-news-moe")
@@ -183,6 +243,7 @@ def _add_evaluate(sub: Subparsers) -> None:
     e.add_argument("--text-column")
     e.add_argument("--label-column")
     e.add_argument("--output-dir", help="where to write eval.json and plots (default: reports/<model>-<data>-<split>)")
+    e.add_argument("--task", action="append", help="multi-task folders: evaluate this task (repeatable; default all)")
     e.add_argument("--backend", default=REFERENCE.backend, choices=BACKENDS, help="onnx needs `moe-serve export` first")
     e.add_argument("--precision", default=REFERENCE.precision, choices=ALL_PRECISIONS, help=runs_summary())
     served = Settings.model_fields  # long texts are read as served by default: the same defaults
@@ -250,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     levels = " | ".join(get_args(Settings.model_fields["log_level"].annotation))
     p.add_argument("--log-level", help=f"{levels} (default: info, or MOE_LOG_LEVEL)")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_export, _add_calibrate, _add_serve, _add_bench):
+    for add in (_add_train, _add_evaluate, _add_extract, _add_export, _add_calibrate, _add_serve, _add_bench):
         add(sub)
     return p
 

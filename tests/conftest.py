@@ -108,3 +108,71 @@ def onnx_models_dir(
         shutil.copytree(src, repo / src.name)
         export_model(repo / src.name, int8=True)
     return repo
+
+
+def write_task_jsonl(path: Path, rows_per_class: int = 30) -> Path:
+    """A small two-task JSONL (a `task` column): topic (three classes, titled texts) and mood (two classes)."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = {
+        ("topic", "business"): "stocks shares market bank profit",
+        ("topic", "sport"): "match team goal player season",
+        ("topic", "tech"): "phone software computer internet chip",
+        ("mood", "fresh"): "great superb moving delightful fine",
+        ("mood", "rotten"): "dull awful boring tedious weak",
+    }
+    filler = ["the", "a", "of", "film", "and", "in", "was", "new", "year", "said"]
+    with path.open("w") as fh:
+        for (task, label), vocab in words.items():
+            for _ in range(rows_per_class):
+                body = " ".join(rng.choice(vocab.split() + filler) for _ in range(rng.randint(6, 20)))
+                text = f"{' '.join(rng.choice(vocab.split()) for _ in range(3))}\n{body}" if task == "topic" else body
+                fh.write(json.dumps({"text": text, "label": label, "task": task}) + "\n")
+    return path
+
+
+def tiny_multitask_recipe(source: Path, **training: object) -> object:
+    from service.training.recipe import Recipe
+
+    return Recipe.model_validate(
+        {
+            "name": "tiny-multitask",
+            "data": {"source": str(source), "task_column": "task"},
+            "model": {
+                "vocab_size": 300,
+                "max_length": 48,
+                "d_model": 32,
+                "n_layers": 2,
+                "n_heads": 2,
+                "d_ff": 64,
+                "num_experts": 4,
+                "top_k": 2,
+                "dropout": 0.0,
+            },
+            "training": {
+                "epochs": 3,
+                "batch_size": 16,
+                "lr": 0.003,
+                "patience": 3,
+                "ema_decay": None,
+                "validate_headlines": True,
+                "weights_dtype": "float16",  # the stored weights are the selected ones, rounded (checked per task)
+                "task_weights": {"mood": 1.0, "topic": 2.0},
+                **training,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_multitask_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny two-task model (topic, mood) trained from scratch by `moe-serve train` on a file with a task column."""
+    from service.training.train import train
+
+    work = tmp_path_factory.mktemp("multitask")
+    recipe = tiny_multitask_recipe(write_task_jsonl(work / "tasks.jsonl"))
+    out = work / "tiny-multitask"
+    train(recipe, out, progress=False)  # type: ignore[arg-type]
+    return out

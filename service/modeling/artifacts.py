@@ -41,30 +41,34 @@ def save_model(
     out_dir: str | Path,
     model: MoEClassifier,
     tokenizer: TextTokenizer,
-    labels: list[str],
+    labels: list[str] | dict[str, list[str]],
     training: dict[str, Any] | None = None,
-    temperature: float = 1.0,
+    temperature: float | dict[str, float] = 1.0,
     weights_dtype: str = "float32",
 ) -> Path:
     """Write the folder. weights_dtype float16/bfloat16 halves the file; loading always computes in fp32 (the
-    trainer checks the rounded weights' answers against fp32 before it chooses to store them so)."""
+    trainer checks the rounded weights' answers against fp32 before it chooses to store them so). A multi-task
+    model takes labels and temperatures per task ({task: ...}), written as config.json "tasks"."""
     if weights_dtype not in STORAGE_DTYPES:
         raise ValueError(f"weights_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {weights_dtype!r}")
-    if not valid_temperature(temperature):
+    temperatures = temperature if isinstance(temperature, dict) else {"": temperature}
+    if not all(valid_temperature(t) for t in temperatures.values()):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    config = {
-        "model_type": MODEL_TYPE,
-        "architecture": cfg.to_dict(),
-        "id2label": {str(i): lab for i, lab in enumerate(labels)},
-        "label2id": {lab: i for i, lab in enumerate(labels)},
-        "max_length": cfg.max_length,
-        "training": training or {},
-        "temperature": float(temperature),
-        "weights_dtype": weights_dtype,
-    }
+    config: dict[str, Any] = {"model_type": MODEL_TYPE, "architecture": cfg.to_dict()}
+    if isinstance(labels, dict):
+        config["tasks"] = {
+            t: {"labels": list(labs), "temperature": float(temperatures.get(t, 1.0))} for t, labs in labels.items()
+        }
+    else:
+        config["id2label"] = {str(i): lab for i, lab in enumerate(labels)}
+        config["label2id"] = {lab: i for i, lab in enumerate(labels)}
+    config |= {"max_length": cfg.max_length, "training": training or {}}
+    if not isinstance(labels, dict):
+        config["temperature"] = float(temperatures[""])
+    config["weights_dtype"] = weights_dtype
     write_config(out, config)
     dtype = STORAGE_DTYPES[weights_dtype]
     state = {

@@ -53,7 +53,9 @@ def _checked(folder: Path) -> Path:
     return folder.resolve()
 
 
-def dense_config(folder: Path, num_labels: int, max_length: int, dropout: float) -> ModelConfig:
+def dense_config(
+    folder: Path, num_labels: int, max_length: int, dropout: float, tasks: dict[str, int] | None = None
+) -> ModelConfig:
     """The base's architecture as a dense (no MoE) ModelConfig with BERT's post-norm block."""
     hf = json.loads((folder / "config.json").read_text())
     if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
@@ -86,6 +88,7 @@ def dense_config(folder: Path, num_labels: int, max_length: int, dropout: float)
         embedding_norm=True,
         type_vocab_size=int(hf.get("type_vocab_size", 0)),
         layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        tasks=tasks,
     )
 
 
@@ -164,11 +167,17 @@ def _wordpiece_from_vocab(folder: Path) -> Tokenizer:
 
 
 def load_dense(
-    name_or_path: str | Path, num_labels: int, max_length: int = 512, dropout: float = 0.1, seed: int = 0
+    name_or_path: str | Path,
+    num_labels: int,
+    max_length: int = 512,
+    dropout: float = 0.1,
+    seed: int = 0,
+    tasks: dict[str, int] | None = None,
 ) -> tuple[MoEClassifier, TextTokenizer, Path]:
-    """The base encoder as a dense MoEClassifier with a new (seeded) head, its tokenizer, and its folder."""
+    """The base encoder as a dense MoEClassifier with a new (seeded) head, or one per task (tasks: name -> number
+    of labels; num_labels is then the widest), its tokenizer, and its folder."""
     folder = resolve_base(name_or_path)
-    cfg = dense_config(folder, num_labels, max_length, dropout)
+    cfg = dense_config(folder, num_labels, max_length, dropout, tasks)
     torch.manual_seed(seed)
     model = MoEClassifier(cfg)
     try:
@@ -176,7 +185,9 @@ def load_dense(
     except KeyError as exc:
         raise BaseModelError(f"base {folder}: model.safetensors lacks tensor {exc.args[0]!r}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) != {"head.weight", "head.bias"}:
+    names = ["head"] if tasks is None else [f"heads.{t}" for t in tasks]
+    heads = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+    if unexpected or set(missing) != heads:
         raise BaseModelError(f"base {folder}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     tokenizer = load_tokenizer(folder)
     if tokenizer.vocab_size > cfg.vocab_size:

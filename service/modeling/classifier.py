@@ -7,6 +7,11 @@ so a batch of short and long texts spends no expert FLOPs on padding.
 One class covers two families through ModelConfig: the from-scratch pre-norm encoder (the defaults), and the BERT
 block (post-LayerNorm, embedding LayerNorm, token-type embedding, every block attending) that pretrained encoders
 are converted from (service/modeling/bert.py, service/modeling/convert.py).
+
+A multi-task model (ModelConfig.tasks) shares everything but its heads and, in its task-routed MoE layers, its
+routers: each text carries a task id, its tokens are routed by that task's router and its pooled state goes to that
+task's head. Its logits are padded to the widest task with -inf (a task's probabilities are softmax over its first
+C_t columns; the padding takes none).
 """
 
 from __future__ import annotations
@@ -60,11 +65,12 @@ class PackedBatch:
 
 @dataclass
 class ClassifierOutput:
-    logits: torch.Tensor  # [B, num_labels]
+    logits: torch.Tensor  # [B, num_labels] (multi-task: padded to the widest task with -inf)
     aux_loss: torch.Tensor  # summed load-balancing loss over MoE layers (0 outside training)
     z_loss: torch.Tensor  # summed router z-loss over MoE layers (0 outside training)
     routing: list[RouterOutput] = field(default_factory=list)  # one per MoE layer, over the packed tokens
     packed: PackedBatch | None = None
+    token_task: torch.Tensor | None = None  # [T] each packed token's task id (multi-task models)
 
 
 class SelfAttention(nn.Module):
@@ -115,24 +121,26 @@ class DenseFeedForward(nn.Module):
 class Block(nn.Module):
     """Transformer block, pre-norm (from scratch) or post-norm (BERT). Input and output are packed tokens [T, d]."""
 
-    def __init__(self, cfg: ModelConfig, attention: bool, moe: bool) -> None:
+    def __init__(self, cfg: ModelConfig, attention: bool, moe: bool, task_routed: bool = False) -> None:
         super().__init__()
         self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout) if attention else None
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if attention else None
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.post_norm = cfg.norm == "post"
         self.is_moe = moe
+        self.task_routed = moe and task_routed and len(cfg.tasks or {}) > 1  # its MoE layer has a router per task
         self.ffn: nn.Module
         if moe:
+            tasks = len(cfg.tasks or {}) if self.task_routed else 1
             self.ffn = MoEFeedForward(
-                cfg.d_model, cfg.expert_d_ff or cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.activation, cfg.combine
+                cfg.d_model, cfg.expert_d_ff or cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.activation, cfg.combine, tasks
             )
         else:
             self.ffn = DenseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, h: torch.Tensor, packed: PackedBatch, key_mask: torch.Tensor
+        self, h: torch.Tensor, packed: PackedBatch, key_mask: torch.Tensor, token_task: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, RouterOutput | None]:
         if self.attn is not None:
             assert self.norm1 is not None
@@ -143,7 +151,7 @@ class Block(nn.Module):
         x = h if self.post_norm else self.norm2(h)
         r = None
         if self.is_moe:
-            y, r = self.ffn(x)
+            y, r = self.ffn(x, token_task) if self.task_routed else self.ffn(x)
         else:
             y = self.ffn(x)
         h = h + self.drop(y)
@@ -160,11 +168,14 @@ class MoEClassifier(nn.Module):
         self.emb_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.embedding_norm else None
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg, a, m) for a, m in zip(cfg.attention_layers(), cfg.moe_layers(), strict=True)
+            Block(cfg, a, m, t)
+            for a, m, t in zip(cfg.attention_layers(), cfg.moe_layers(), cfg.task_routed(), strict=True)
         )
         # Pre-norm leaves the residual stream unnormalised, so it ends with a LayerNorm; post-norm already has one.
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm == "pre" else None
-        self.head = nn.Linear(cfg.d_model, cfg.num_labels)
+        # One task: `head` (the single-task folders' tensor names); several: one head per task, by name.
+        self.head = nn.Linear(cfg.d_model, cfg.num_labels) if cfg.tasks is None else None
+        self.heads = nn.ModuleDict({t: nn.Linear(cfg.d_model, n) for t, n in (cfg.tasks or {}).items()})
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
@@ -192,9 +203,10 @@ class MoEClassifier(nn.Module):
         return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]
 
     def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_task: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, PackedBatch, list[RouterOutput]]:
-        """The encoder alone: packed last hidden states [T, d], the packing, and routing per MoE layer."""
+        """The encoder alone: packed last hidden states [T, d], the packing, and routing per MoE layer.
+        token_task [T]: the packed tokens' task ids (multi-task models)."""
         if input_ids.shape[1] > self.config.max_length:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_length {self.config.max_length}")
         packed = PackedBatch.from_mask(attention_mask)
@@ -202,23 +214,104 @@ class MoEClassifier(nn.Module):
         h = self.embed(input_ids.reshape(-1).index_select(0, packed.flat_index), packed)
         routing: list[RouterOutput] = []
         for block in self.blocks:
-            h, r = block(h, packed, key_mask)
+            h, r = block(h, packed, key_mask, token_task)
             if r is not None:
                 routing.append(r)
         if self.norm is not None:
             h = self.norm(h)
         return h, packed, routing
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ClassifierOutput:
-        """input_ids, attention_mask: [B, L]; every row must have at least one real token."""
-        h, packed, routing = self.encode(input_ids, attention_mask)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor | None = None
+    ) -> ClassifierOutput:
+        """input_ids, attention_mask: [B, L]; every row must have at least one real token. task_ids [B]: each
+        text's task (multi-task models; a text asked for two tasks is two rows)."""
+        token_task = self._token_tasks(task_ids, input_ids.shape[0], attention_mask)
+        h, packed, routing = self.encode(input_ids, attention_mask, token_task)
         pooled = self.pool(h, packed)
-        logits = rows_bucketed(self.head, pooled) if self.row_buckets else self.head(pooled)
+        logits = self._heads(pooled, task_ids)
         aux = z = logits.new_zeros(())
         if self.training:  # the routing losses are training's business: serving does not pay for them
-            aux = sum((load_balancing_loss(r, self.config.num_experts) for r in routing), aux)
-            z = sum((router_z_loss(r) for r in routing), z)
-        return ClassifierOutput(logits=logits, aux_loss=aux, z_loss=z, routing=routing, packed=packed)
+            aux, z = self._routing_losses(routing, token_task, aux)
+        return ClassifierOutput(logits, aux, z, routing, packed, token_task)
+
+    def forward_tasks(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tasks: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each text asked for several tasks (tasks[i]: text i's task ids): the blocks below the first task-routed
+        one run once per text, the rest once per (text, task). Returns the logits of the (text, task) rows, text
+        after text and each text's tasks in the order asked, and each row's text index. The same logits as
+        `forward` on the texts repeated once per task (tested), for less work where the bottom layers are shared."""
+        rows = [(i, t) for i, ts in enumerate(tasks) for t in ts]
+        row_text = torch.tensor([i for i, _ in rows], dtype=torch.long, device=input_ids.device)
+        row_task = torch.tensor([t for _, t in rows], dtype=torch.long, device=input_ids.device)
+        self._token_tasks(row_task, len(rows), attention_mask[row_text])  # checks the ids
+        packed = PackedBatch.from_mask(attention_mask)
+        h = self.embed(input_ids.reshape(-1).index_select(0, packed.flat_index), packed)
+        routed = [b.task_routed for b in self.blocks]
+        first = routed.index(True) if True in routed else len(self.blocks)
+        for block in self.blocks[:first]:
+            h, _ = block(h, packed, attention_mask.bool())
+        # From here on a text is a row per task: its tokens' states copied to each of its rows.
+        mask = attention_mask.index_select(0, row_text)
+        rep = PackedBatch.from_mask(mask)
+        grid = row_text.index_select(0, rep.seq_ids) * rep.seq_len + rep.flat_index.remainder(rep.seq_len)
+        h = h.index_select(0, packed.unpack_index.index_select(0, grid))
+        token_task = row_task.index_select(0, rep.seq_ids)
+        for block in self.blocks[first:]:
+            h, _ = block(h, rep, mask.bool(), token_task)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self._heads(self.pool(h, rep), row_task), row_text
+
+    def _token_tasks(
+        self, task_ids: torch.Tensor | None, batch: int, attention_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        if self.config.tasks is None:
+            if task_ids is not None:
+                raise ValueError("task ids given to a single-task model")
+            return None
+        if task_ids is None or task_ids.shape != (batch,):
+            raise ValueError(f"a multi-task model needs one task id per text ({batch}), got {task_ids!r}")
+        if len(task_ids) and not 0 <= int(task_ids.min()) <= int(task_ids.max()) < len(self.config.tasks):
+            raise ValueError(f"task ids must be in [0, {len(self.config.tasks)})")
+        flat = attention_mask.reshape(-1).bool()
+        return task_ids.repeat_interleave(attention_mask.shape[1])[flat]
+
+    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return rows_bucketed(layer, x) if self.row_buckets else layer(x)
+
+    def _heads(self, pooled: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, C]: the one head, or each text's task head, padded to the widest task with -inf."""
+        if self.head is not None:
+            return self._linear(self.head, pooled)
+        assert task_ids is not None
+        logits = pooled.new_full((pooled.shape[0], self.config.num_labels), float("-inf"))
+        for t, head in enumerate(self.heads.values()):
+            rows = (task_ids == t).nonzero().squeeze(1)
+            if rows.numel():
+                out = self._linear(head, pooled.index_select(0, rows))
+                out = F.pad(out, (0, self.config.num_labels - head.out_features), value=float("-inf"))
+                logits = logits.index_copy(0, rows, out)
+        return logits
+
+    def _routing_losses(
+        self, routing: list[RouterOutput], token_task: torch.Tensor | None, zero: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load-balancing and z-loss summed over MoE layers; a task-routed layer's are the mean over the tasks in
+        the batch of each task router's own, on its own tokens (each router balances what it routes)."""
+        aux = z = zero
+        e = self.config.num_experts
+        for layer, r in zip(self.moe_layers, routing, strict=True):
+            if layer.num_tasks == 1 or token_task is None:
+                aux, z = aux + load_balancing_loss(r, e), z + router_z_loss(r)
+                continue
+            present = token_task.unique()
+            for t in present:
+                sub = r.select((token_task == t).nonzero().squeeze(1))
+                aux = aux + load_balancing_loss(sub, e) / len(present)
+                z = z + router_z_loss(sub) / len(present)
+        return aux, z
 
     @staticmethod
     def pool(h: torch.Tensor, packed: PackedBatch) -> torch.Tensor:

@@ -3,7 +3,10 @@ read it without importing torch."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
+
+TASK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass
@@ -29,10 +32,43 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     expert_d_ff: int | None = None  # width of one expert (default d_ff); MoEfication slices d_ff into E experts
     combine: str = "weighted"  # how a token's k expert outputs are fused: "weighted" by gates, or "sum" (MoEfication)
+    # Multi-task: task name -> its number of labels, in task-id order; None: one task (num_labels, one head). With
+    # tasks, num_labels is the widest task's, the width of the padded logits.
+    tasks: dict[str, int] | None = None
+    # How many of the top MoE layers route each task by its own router (None: all); the MoE layers below share one
+    # router, so every task's tokens are routed there alike.
+    task_routed_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
+        if self.tasks is not None:
+            if not self.tasks or any(n < 1 for n in self.tasks.values()):
+                raise ValueError(f"tasks must name at least one task, each with labels, got {self.tasks!r}")
+            bad = [t for t in self.tasks if not TASK_NAME.fullmatch(t)]
+            if bad:
+                raise ValueError(f"task names are letters, digits, _ and - (they name tensors and outputs): {bad}")
+            if self.num_labels != max(self.tasks.values()):
+                raise ValueError(f"num_labels must be the widest task's ({max(self.tasks.values())}) with tasks")
+        if self.task_routed_layers is not None and self.task_routed_layers < 0:
+            raise ValueError(f"task_routed_layers must be >= 0, got {self.task_routed_layers}")
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks in task-id order; a single-task model has none."""
+        return list(self.tasks or {})
+
+    def task_routed(self) -> list[bool]:
+        """Per block: whether its MoE layer has one router per task (only MoE blocks of a multi-task model)."""
+        moe = self.moe_layers()
+        if len(self.tasks or {}) < 2:
+            return [False] * self.n_layers
+        top = sum(moe) if self.task_routed_layers is None else self.task_routed_layers
+        seen, out = 0, []
+        for is_moe in reversed(moe):
+            out.append(is_moe and seen < top)
+            seen += is_moe
+        return out[::-1]
 
     def attention_layers(self) -> list[bool]:
         if isinstance(self.attention, bool):

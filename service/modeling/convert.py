@@ -74,7 +74,8 @@ def _moefy_layer(dense: DenseFeedForward, moe: MoEFeedForward, seed: int) -> Non
         moe.b1[e].copy_(b1[idx])
         moe.w2[e].copy_(w2[:, idx].T)
         moe.b2[e].copy_(b2 / moe.top_k)  # exactly k experts are summed per token
-        moe.router.weight[e].copy_(w1[idx].mean(0))
+        for t in range(moe.num_tasks):  # every task's router starts from the same centroids
+            moe.router.weight[t * moe.num_experts + e].copy_(w1[idx].mean(0))
 
 
 @torch.no_grad()

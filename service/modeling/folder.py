@@ -18,6 +18,15 @@ class ModelFolderError(ValueError):
 
 
 @dataclass(frozen=True)
+class TaskInfo:
+    """One task of a multi-task folder: its labels (class id 0, 1, ... of its head) and its own temperature."""
+
+    name: str
+    labels: tuple[str, ...]
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelFolder:
     """What config.json says about a model folder, checked. Frozen: one load reads it once and passes it on."""
 
@@ -27,6 +36,9 @@ class ModelFolder:
     training: dict[str, Any] = field(default_factory=dict)  # dataset, split, recipe name: lets evaluate find data
     temperature: float = 1.0  # probabilities are softmax(logits / temperature); the model's logits never change
     serving: dict[str, Any] = field(default_factory=dict)  # the measured {"backend", "precision"} (`export --choose`)
+    # Multi-task folders (config.json "tasks"): every task, in task-id order; labels and temperature are then empty
+    # and 1.0, since each task has its own. Single-task folders: ().
+    tasks: tuple[TaskInfo, ...] = ()
 
     @property
     def name(self) -> str:
@@ -53,15 +65,38 @@ def read_folder(model_dir: str | Path | ModelFolder) -> ModelFolder:
         raise ModelFolderError(
             f"{path}/{CONFIG_FILE}: model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r}"
         )
+    cfg = ModelConfig.from_dict(raw["architecture"])
+    if "tasks" in raw:
+        tasks = _read_tasks(path, raw["tasks"], cfg)
+        return ModelFolder(path, cfg, (), raw.get("training", {}), 1.0, raw.get("serving") or {}, tasks)
     temperature = raw.get("temperature", 1.0)  # folders from before calibration have none
     if not valid_temperature(temperature):
         raise ModelFolderError(f"{path}/{CONFIG_FILE}: temperature must be a finite number > 0, got {temperature!r}")
-    cfg = ModelConfig.from_dict(raw["architecture"])
     id2label = {int(k): v for k, v in raw["id2label"].items()}
     if sorted(id2label) != list(range(cfg.num_labels)):
         raise ModelFolderError(f"{path}: id2label must cover 0..{cfg.num_labels - 1}")
     labels = tuple(id2label[i] for i in range(cfg.num_labels))
     return ModelFolder(path, cfg, labels, raw.get("training", {}), float(temperature), raw.get("serving") or {})
+
+
+def _read_tasks(path: Path, raw: Any, cfg: ModelConfig) -> tuple[TaskInfo, ...]:
+    """config.json "tasks": {name: {"labels": [...], "temperature": T}}, matching the architecture's task heads."""
+    where = f"{path}/{CONFIG_FILE}"
+    if not isinstance(raw, dict) or not raw:
+        raise ModelFolderError(f"{where}: tasks must map each task name to its labels")
+    if cfg.tasks is None or list(cfg.tasks) != list(raw):
+        raise ModelFolderError(f"{where}: tasks {list(raw)} do not match the architecture's {cfg.task_names}")
+    out = []
+    for name, spec in raw.items():
+        labels = spec.get("labels") if isinstance(spec, dict) else None
+        named = isinstance(labels, list) and all(isinstance(x, str) for x in labels)
+        if not named or len(labels) != cfg.tasks[name]:
+            raise ModelFolderError(f"{where}: task {name!r} needs a list of its {cfg.tasks[name]} label names")
+        temperature = spec.get("temperature", 1.0)
+        if not valid_temperature(temperature):
+            raise ModelFolderError(f"{where}: task {name!r} temperature must be a finite number > 0")
+        out.append(TaskInfo(name, tuple(labels), float(temperature)))
+    return tuple(out)
 
 
 def valid_temperature(value: object) -> bool:
@@ -78,6 +113,17 @@ def update_config(model_dir: str | Path, **keys: Any) -> None:
     config = json.loads((path / CONFIG_FILE).read_text())
     config.update(keys)
     write_config(path, config)
+
+
+def write_task_temperatures(model_dir: str | Path, temperatures: dict[str, float]) -> None:
+    """A multi-task folder's temperatures, per task, into config.json's tasks (the rest kept as is)."""
+    path = Path(model_dir)
+    tasks = json.loads((path / CONFIG_FILE).read_text())["tasks"]
+    for task, t in temperatures.items():
+        if task not in tasks or not valid_temperature(t):
+            raise ValueError(f"no task {task!r}, or temperature {t!r} is not a finite number > 0")
+        tasks[task]["temperature"] = float(t)
+    update_config(path, tasks=tasks)
 
 
 def write_temperature(model_dir: str | Path, temperature: float) -> None:

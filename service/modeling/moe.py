@@ -9,6 +9,11 @@ GEMM pair per expert that received tokens, then put the rows back in token order
 This is the CPU strategy used by vLLM and torchtitan; every expert sees one large matmul per batch instead of
 one small matmul per request. ``reference_forward`` runs every expert on every token and masks by the gates; it is
 slow and exists so tests can check the fast path against plain maths.
+
+Multi-task (``num_tasks`` > 1): one router per task over the same experts (the multi-gate idea of MMoE, applied per
+token as in task-level MoE): a token of task t is routed by router t. The routers are one linear layer of
+num_tasks * E outputs, so routing a mixed batch is still one GEMM; after routing, the tokens of every task share
+the grouped dispatch, each expert one GEMM over all the tokens sent to it whatever their task.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ class RouterOutput:
     probs: torch.Tensor  # [T, E] softmax over all experts
     expert_ids: torch.Tensor  # [T, k] chosen experts, best first
     gates: torch.Tensor  # [T, k] gate weights, renormalised to sum to 1 over the k chosen
+
+    def select(self, rows: torch.Tensor) -> RouterOutput:
+        """The routing of some of the tokens (e.g. one task's)."""
+        return RouterOutput(*(t.index_select(0, rows) for t in (self.logits, self.probs, self.expert_ids, self.gates)))
 
 
 def route(logits: torch.Tensor, top_k: int) -> RouterOutput:
@@ -103,6 +112,7 @@ class MoEFeedForward(nn.Module):
         top_k: int,
         activation: str = "gelu",
         combine: str = "weighted",
+        num_tasks: int = 1,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -113,7 +123,9 @@ class MoEFeedForward(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.activation, self.combine = activation, combine
         self._act = activation_fn(activation)
-        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.num_tasks = num_tasks
+        # Task t's router is rows t*E .. t*E+E-1; one task keeps the single-task layout (and state dict) unchanged.
+        self.router = nn.Linear(d_model, num_tasks * num_experts, bias=False)
         # Expert weights stored stacked, [E, in, out], so one expert's GEMM is x @ w1[e].
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.b1 = nn.Parameter(torch.zeros(num_experts, d_ff))
@@ -130,13 +142,20 @@ class MoEFeedForward(nn.Module):
 
     row_buckets: bool = False  # serving on CPU: GEMM rows padded to a few sizes (service/modeling/row_buckets.py)
 
-    def route(self, x: torch.Tensor) -> RouterOutput:
+    def route(self, x: torch.Tensor, token_task: torch.Tensor | None = None) -> RouterOutput:
         logits = rows_bucketed(self.router, x) if self.row_buckets else self.router(x)
+        if self.num_tasks > 1:
+            if token_task is None:
+                raise ValueError(f"this layer routes {self.num_tasks} tasks: each token needs its task id")
+            e = self.num_experts
+            logits = logits.view(-1, self.num_tasks, e).gather(1, token_task.view(-1, 1, 1).expand(-1, 1, e))
+            logits = logits.squeeze(1)
         return route(logits, self.top_k)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
-        """x: packed tokens [T, d]. Returns (output [T, d], routing)."""
-        r = self.route(x)
+    def forward(self, x: torch.Tensor, token_task: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        """x: packed tokens [T, d]; token_task [T]: each token's task id (multi-task layers only). Returns (output
+        [T, d], routing)."""
+        r = self.route(x, token_task)
         if self.dispatch == "graph":
             return self.graph_forward(x, r), r
         return self.grouped_forward(x, r), r
@@ -210,10 +229,12 @@ class MoEFeedForward(nn.Module):
         graph, five fewer nodes a layer)."""
         return self.combine == "sum" and not torch.is_grad_enabled()
 
-    def reference_forward(self, x: torch.Tensor, r: RouterOutput | None = None) -> torch.Tensor:
+    def reference_forward(
+        self, x: torch.Tensor, r: RouterOutput | None = None, token_task: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Plain maths: every expert on every token, weighted by a dense [T, E] gate matrix (zero off the top-k)."""
         if r is None:
-            r = self.route(x)
+            r = self.route(x, token_task)
         dense_gates = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
         dense_gates = dense_gates.scatter(1, r.expert_ids, combine_weights(r, self.combine).to(x.dtype))
         h = self._act(torch.einsum("td,edf->etf", x, self.w1) + self.b1[:, None, :])

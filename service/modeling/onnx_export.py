@@ -99,7 +99,16 @@ def _example(model: MoEClassifier) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_batch([list(range(3, 3 + n)), list(range(5, 5 + max(n // 2, 1)))], model.config.pad_token_id)
 
 
+class MultiTaskExportError(ValueError):
+    """The ONNX graphs take no task ids yet: a multi-task folder is served by the torch backend."""
+
+
 def export_graph(model: MoEClassifier, path: Path) -> Path:
+    if model.config.tasks is not None:
+        raise MultiTaskExportError(
+            f"ONNX export does not support multi-task models yet (tasks: {', '.join(model.config.task_names)}): "
+            "serve this folder with the torch backend"
+        )
     graph = _GraphModel(model)
     names = output_names(len(model.moe_layers))
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}

@@ -127,6 +127,19 @@ def model_examples(
     source = data or t.get("dataset")
     if not source:
         raise DataError(f"model {folder.name} does not record its training data; pass --data")
+    if not data and t.get("task_column"):  # one task of a multi-task file (a task view's record)
+        from service.training.task_data import load_task_file
+
+        tasks = load_task_file(
+            source,
+            t.get("text_column", "text"),
+            t.get("label_column", "label"),
+            t["task_column"],
+            t.get("split_seed", 13),
+            tuple(t.get("split_fractions", (0.7, 0.1, 0.2))),
+        )
+        examples = cap_examples(tasks.tasks[t["task"]][split], t.get("max_examples_per_split"), t.get("split_seed", 13))
+        return examples, t["task"]
     ds = load_dataset(
         source,
         text_column=text_column or t.get("text_column", "text"),

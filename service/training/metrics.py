@@ -128,3 +128,34 @@ def calibration_section(logits: np.ndarray, y: np.ndarray, temperature: float) -
         "ece": round(expected_calibration_error(softmax(logits, temperature), y, ECE_BINS), 4),
         "bins": ECE_BINS,
     }
+
+
+def task_expert_shares(counts: dict[str, list[np.ndarray]]) -> list[dict[str, list[float]]]:
+    """Per MoE layer, per task: the share of the task's (token, slot) assignments each expert takes. `counts` is
+    each task's Predictions.expert_counts (per layer, [texts, E])."""
+    layers = len(next(iter(counts.values())))
+    out = []
+    for layer in range(layers):
+        row = {}
+        for task, per_layer in counts.items():
+            total = per_layer[layer].sum(0).astype(np.float64)
+            row[task] = [round(float(s), 6) for s in total / max(total.sum(), 1.0)]
+        out.append(row)
+    return out
+
+
+def task_specialization(shares: list[dict[str, list[float]]]) -> list[dict[str, float]]:
+    """Per layer, the mutual information between task and expert, with tasks weighted equally (so a task with
+    long texts does not count more): I = sum_t 1/n sum_e p(e|t) log2(p(e|t) / p(e)), p(e) the tasks' mean share.
+    0 bits: every task uses the experts alike; log2(n) bits: each task has experts of its own. Reported also as a
+    share of that ceiling."""
+    out = []
+    for layer, row in enumerate(shares):
+        p = np.array(list(row.values()))  # [tasks, E], rows sum to 1
+        marginal = p.mean(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(p > 0, p * np.log2(p / marginal), 0.0)
+        mi = float(terms.sum() / len(p))
+        ceiling = math.log2(len(p)) if len(p) > 1 else 1.0
+        out.append({"layer": layer, "mutual_information_bits": round(mi, 4), "share_of_max": round(mi / ceiling, 4)})
+    return out

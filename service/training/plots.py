@@ -88,3 +88,21 @@ def reliability_diagram(before: Reliability, after: Reliability, temperature: fl
         ax.legend(loc="upper left", fontsize=8)
     axes[0].set_ylabel("accuracy")
     _save(fig, path)
+
+
+def task_expert_shares(
+    shares: list[dict[str, list[float]]], specialization: list[dict[str, float]], path: Path
+) -> None:
+    """One panel per MoE layer: the share of each task's tokens each expert takes, titled with the layer's mutual
+    information between task and expert."""
+    tasks = list(shares[0])
+    fig, axes = plt.subplots(1, len(shares), figsize=(3.6 * len(shares) + 1, 0.5 * len(tasks) + 2), squeeze=False)
+    for ax, row, spec in zip(axes[0], shares, specialization, strict=True):
+        m = np.array([row[t] for t in tasks])
+        im = ax.imshow(m, cmap="viridis", vmin=0, aspect="auto")
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(len(tasks)), tasks)
+        ax.set_xlabel("expert")
+        ax.set_title(f"layer {spec['layer']}: I(task; expert) {spec['mutual_information_bits']:.3f} bits", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, path)

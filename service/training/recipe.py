@@ -19,23 +19,46 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a recipe is an error, not a silently ignored key
 
 
+class TaskDataRecipe(_Strict):
+    """One task of a multi-task recipe: its data source and columns."""
+
+    source: str  # built-in name or path to .csv/.jsonl (relative to the recipe file)
+    text_column: str = "text"
+    label_column: str = "label"
+
+
 class DataRecipe(_Strict):
     source: str = "bbc-news"  # built-in name or path to .csv/.jsonl (relative to the recipe file)
     text_column: str = "text"
     label_column: str = "label"
     split_seed: int = DEFAULT_SEED
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    max_examples_per_split: int | None = None  # deterministic stratified cap, for quick runs
+    max_examples_per_split: int | None = None  # deterministic stratified cap, for quick runs (per task)
+    # Multi-task, either one source per task (task name -> source; `source` is then unused) or one file whose
+    # `task_column` names each row's task.
+    tasks: dict[str, TaskDataRecipe] | None = None
+    task_column: str | None = None
+
+    @model_validator(mode="after")
+    def _one_task_source(self) -> DataRecipe:
+        if self.tasks is not None and self.task_column is not None:
+            raise ValueError("data: give `tasks` (a source per task) or `task_column` (one file), not both")
+        return self
+
+    @property
+    def multi_task(self) -> bool:
+        return self.tasks is not None or self.task_column is not None
 
 
 def _model_recipe() -> type[BaseModel]:
     """The recipe's `model` section: every ModelConfig field with its default, except those the data decides
-    (labels, padding id). Derived, so the two cannot drift apart; vocab_size is the size of the tokenizer to train."""
+    (labels, padding id, tasks). Derived, so the two cannot drift apart; vocab_size is the size of the tokenizer to
+    train."""
     hints = typing.get_type_hints(ModelConfig)
     fields: dict[str, Any] = {
         f.name: (hints[f.name], 8000 if f.name == "vocab_size" else f.default)
         for f in dataclasses.fields(ModelConfig)
-        if f.name not in ("num_labels", "pad_token_id")
+        if f.name not in ("num_labels", "pad_token_id", "tasks")
     }
     return create_model("ModelRecipe", __base__=_Strict, **fields)
 
@@ -53,6 +76,7 @@ class BaseRecipe(_Strict):
     moe_every: int = 1  # 1: every block's FFN becomes experts; 2: every other block
     max_length: int = 256  # serving length (at most the base's positions)
     dropout: float = 0.1
+    task_routed_layers: int | None = None  # multi-task: the top MoE layers with a router per task (None: all)
 
 
 class TrainingRecipe(_Strict):
@@ -89,6 +113,11 @@ class TrainingRecipe(_Strict):
     # Validate (early stopping, best epoch) on each validation text and on its first line too (where texts have
     # titles): the model is then chosen for short inputs as well as whole documents.
     validate_headlines: bool = False
+    # Multi-task: the loss weight of each task (default 1; the cross-entropy is the weighted mean over the batch's
+    # texts), and how the epoch mixes tasks: each task drawn in proportion to its size ** (1 / T) (1: by size,
+    # large: evenly), its texts shuffled and repeated as needed; batches mix tasks.
+    task_weights: dict[str, float] = Field(default_factory=dict)
+    task_sampling_temperature: float = Field(1.0, gt=0.0)
 
 
 class Recipe(_Strict):
@@ -119,7 +148,12 @@ class Recipe(_Strict):
             raw = json.loads(text)
         recipe = cls.model_validate(raw or {})
         # A relative data path is read relative to the recipe file, like an include.
-        beside = path.parent / recipe.data.source
-        if not Path(recipe.data.source).is_absolute() and beside.is_file():
-            recipe.data.source = str(beside.resolve())
+        recipe.data.source = _beside(path, recipe.data.source)
+        for task in (recipe.data.tasks or {}).values():
+            task.source = _beside(path, task.source)
         return recipe
+
+
+def _beside(recipe_path: Path, source: str) -> str:
+    beside = recipe_path.parent / source
+    return str(beside.resolve()) if not Path(source).is_absolute() and beside.is_file() else source

@@ -299,6 +299,10 @@ class Trainer:
         pred = predict(model_forward(net, self.tokenizer.pad_id), self.val_ids).probs.argmax(1)
         return float(np.mean(pred == self.y_val)), _macro_f1(self.y_val, pred, self.num_labels)
 
+    def validation_detail(self) -> dict[str, Any]:
+        """Validation figures beside the one early stopping uses (multi-task: each task's macro-F1)."""
+        return {}
+
     def keep_best(self, best: EarlyStopping, texts: list[str]) -> dict[str, Any]:
         """The model set to the best epoch's weights as stored; returns the storage record (what rounding to the
         storage dtype moved on `texts`, against the unrounded weights)."""
@@ -326,6 +330,7 @@ def fit(run: Trainer, progress: bool, t0: float) -> tuple[list[dict[str, Any]], 
             "val_macro_f1": round(f1, 4),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        row.update(run.validation_detail())
         history.append(row)
         _log_epoch(row)
         if not best.keep_going(epoch, f1, run.selected):
@@ -335,6 +340,10 @@ def fit(run: Trainer, progress: bool, t0: float) -> tuple[list[dict[str, Any]], 
 
 def train(recipe: Recipe, output_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train per `recipe`, write the model folder, return a summary (best epoch, validation and test metrics)."""
+    if recipe.data.multi_task:
+        from service.training.multitask import train_multitask
+
+        return train_multitask(recipe, output_dir, progress)
     t0 = time.perf_counter()
     tr = recipe.training
     if tr.threads:
@@ -390,9 +399,14 @@ def compare_weights(
     """How far `model` and the same architecture with weights `other` answer apart on `texts` (probabilities)."""
     twin = copy.deepcopy(model)
     twin.load_state_dict(other)
-    ids = encode_texts(tokenizer, texts, model.config.max_length)
-    a = predict(model_forward(model, tokenizer.pad_id), ids).probs
-    b = predict(model_forward(twin, tokenizer.pad_id), ids).probs
+    return compare_models(model, twin, tokenizer, texts)
+
+
+def compare_models(a_model: Any, b_model: Any, tokenizer: TextTokenizer, texts: list[str]) -> dict[str, Any]:
+    """How far two models (or one task of two multi-task models) answer apart on `texts` (probabilities)."""
+    ids = encode_texts(tokenizer, texts, a_model.config.max_length)
+    a = predict(model_forward(a_model, tokenizer.pad_id), ids).probs
+    b = predict(model_forward(b_model, tokenizer.pad_id), ids).probs
     return {
         "texts": len(texts),
         "max_abs_prob_diff": round(float(np.abs(a - b).max()), 6),
@@ -461,9 +475,9 @@ def save_checked(
     out: Path,
     model: MoEClassifier,
     tokenizer: TextTokenizer,
-    labels: list[str],
+    labels: list[str] | dict[str, list[str]],
     meta: dict[str, Any],
-    temperature: float,
+    temperature: float | dict[str, float],
     weights_dtype: str,
 ) -> LoadedModel:
     """Save the folder and load it back: the report is then of the folder as written."""

