@@ -25,6 +25,8 @@ class ErrorKind(str, Enum):
     UNAUTHORIZED = "unauthorized"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    MODEL_CONTROL_OFF = "model_control_off"
+    NOT_SUPPORTED = "not_supported"
 
 
 STATUS: dict[ErrorKind, int] = {
@@ -42,6 +44,8 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.UNAUTHORIZED: 401,
     ErrorKind.SHUTTING_DOWN: 503,
     ErrorKind.INTERNAL: 500,
+    ErrorKind.MODEL_CONTROL_OFF: 409,  # load/unload asked of a server started without MOE_MODEL_CONTROL=explicit
+    ErrorKind.NOT_SUPPORTED: 501,  # repository control in single-process mode (MOE_MODEL_PROCESS=false)
 }
 
 # Statuses raised by the web framework itself (unknown route, streamed body over the limit) -> our error kinds.
