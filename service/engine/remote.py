@@ -270,6 +270,9 @@ class RemoteEngine:
         return self._default
 
     def get(self, name: str | None) -> RemoteModel:
+        model = self._models.get(name or self._default)
+        if model is not None and model.down is not None and self.fatal is None:
+            raise self.not_ready(model.name, model.down)  # being restarted: with Retry-After
         return lookup(self, name)  # type: ignore[return-value]
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
