@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, StrictBool
+from pydantic import BaseModel
 
 from service.api.common import JSON
 from service.api.schemas import ErrorBody
@@ -18,11 +18,6 @@ from service.errors import ErrorKind, ServiceError
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 model repository"])
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 409, 422, 501, 503)}
-
-
-class IndexRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ready: StrictBool = False  # only the models that are ready
 
 
 class IndexEntry(BaseModel):
@@ -47,17 +42,16 @@ def _repository(request: Request, control: bool = False) -> Any:
     return repository
 
 
-@router.get("/index", response_model=list[IndexEntry], responses=ERRORS, summary="Every model folder and its state")
 async def index(request: Request) -> JSON:
     return JSON(_repository(request).index())
 
 
-@router.post("/index", response_model=list[IndexEntry], responses=ERRORS, summary="Every model folder and its state")
-async def index_post(request: Request, body: IndexRequest | None = None) -> JSON:
-    entries = _repository(request).index()
-    if body is not None and body.ready:
-        entries = [e for e in entries if e["state"] == "READY"]
-    return JSON(entries)
+# One route serves both methods, so that a 405 (Starlette's, from the first route whose path matches) names both in
+# Allow; the two documented ones after it, with their own operation ids, are never reached.
+INDEX = {"response_model": list[IndexEntry], "responses": ERRORS, "summary": "Every model folder with its state"}
+router.add_api_route("/index", index, methods=["GET", "POST"], include_in_schema=False)
+router.add_api_route("/index", index, methods=["GET"], operation_id="repository_index_get", **INDEX)
+router.add_api_route("/index", index, methods=["POST"], operation_id="repository_index", **INDEX)
 
 
 @router.post(
