@@ -24,7 +24,7 @@ from service.errors import ErrorKind, ServiceError, model_not_found
 from service.modeling.layout import CONFIG_FILE
 
 if TYPE_CHECKING:
-    from service.engine.remote import RemoteEngine
+    from service.engine.remote import RemoteEngine, RemoteModel
     from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -173,16 +173,17 @@ class Repository:
     # -- crash recovery ------------------------------------------------------------------------------------------
     def crashed(self, name: str, why: str) -> None:
         """A serving model's process died: restart it after the backoff, or give up."""
-        self._spawn_task(self._restart(name, why))
+        self._spawn_task(self._restart(name, self.engine.models[name], why))
 
     def retry_after_s(self, name: str) -> float:
         return max(0.0, self._next_start.get(name, 0.0) - time.monotonic())
 
-    async def _restart(self, name: str, why: str) -> None:
+    async def _restart(self, name: str, dead: RemoteModel, why: str) -> None:
         async with self._locks[name]:
             entry = self.entry(name)
             crashes = self._crashes.setdefault(name, CrashLog(self._policy))
-            while name in self.engine.models:
+            # A reload that held the lock may have replaced the dead version already: nothing left to restart then.
+            while self.engine.models.get(name) is dead:
                 delay = crashes.crashed(time.monotonic())
                 if delay is None:
                     return self._give_up(entry, why, len(crashes.times))
