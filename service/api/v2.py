@@ -137,7 +137,7 @@ async def model_metadata(model: str, request: Request) -> JSON:
     return JSON(
         {
             "name": w.name,
-            "versions": ["1"],
+            "versions": [_version(w)],
             "platform": f"moe-serve_{w.kind}",
             "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [
@@ -147,6 +147,11 @@ async def model_metadata(model: str, request: Request) -> JSON:
             "parameters": {"labels": w.info.labels, "max_length": w.info.max_length, "temperature": w.info.temperature},
         }
     )
+
+
+def _version(model: object) -> str:
+    """The folder's version hash on the model-process path (GET /v2/repository/index); "1" in one-process mode."""
+    return getattr(model, "version", None) or "1"
 
 
 @router.get("/models/{model}/ready", responses=ERRORS, summary="Model readiness")
@@ -265,7 +270,7 @@ async def infer(model: str, request: Request) -> JSON:
             "data": probs.reshape(-1).tolist(),
         },
     }
-    body = {"model_name": worker.name, "model_version": "1", "outputs": [tensors[n] for n in wanted]}
+    body = {"model_name": worker.name, "model_version": _version(worker), "outputs": [tensors[n] for n in wanted]}
     if req.id is not None:
         body["id"] = req.id
     return JSON(body, headers=timing_headers(result, time.perf_counter() - t0))

@@ -76,6 +76,7 @@ def test_reload_swaps_in_the_new_version_and_unload_removes_the_model(client_for
     assert r.status_code == 200 and r.json()["state"] == "READY", r.text
     assert r.json()["version"] not in (None, old)
     assert _classify(client, "alpha") == 200
+    assert client.get("/v2/models/alpha").json()["versions"] == [r.json()["version"]]
     metrics = client.get("/metrics").text
     assert 'moe_model_reloads_total{model="alpha",outcome="ok"} 1.0' in metrics
     assert f'moe_model_version_info{{model="alpha",version="{r.json()["version"]}"}} 1.0' in metrics
@@ -121,3 +122,21 @@ def test_single_process_mode_answers_501(tmp_path: Path) -> None:
     with TestClient(create_app(Settings(models_dir=tmp_path, model_process=False), _loader)) as client:
         r = client.get("/v2/repository/index")
         assert r.status_code == 501 and r.json()["type"] == "not_supported", r.text
+
+
+def test_poll_mode_loads_reloads_and_unloads_settled_folders(client_for, tmp_path: Path) -> None:
+    client = client_for(model_control="poll", poll_interval_s=0.02, poll_settle_s=0.3)
+    (tmp_path / "gamma").mkdir()
+    (tmp_path / "gamma" / "config.json").write_text('{"v": 1}')
+    _until(lambda: _index(client)["gamma"]["state"] == "READY")
+    first = _index(client)["gamma"]["version"]
+    (tmp_path / "gamma" / "config.json").write_text('{"v": 2}')
+    _until(lambda: _index(client)["gamma"]["version"] != first)
+    assert _classify(client, "gamma") == 200
+    for f in (tmp_path / "gamma").iterdir():
+        f.unlink()
+    (tmp_path / "gamma").rmdir()
+    _until(lambda: _index(client)["gamma"]["state"] == "UNAVAILABLE")
+    assert _classify(client, "gamma") == 404 and _classify(client, "alpha") == 200
+    r = client.post("/v2/repository/models/alpha/unload")
+    assert r.status_code == 409, r.text  # poll mode owns the repository
