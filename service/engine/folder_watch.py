@@ -43,7 +43,10 @@ def snapshot(models_dir: Path, only: list[str] | None = None) -> dict[str, Signa
     found = {}
     for p in models_dir.iterdir():
         if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_FILE).is_file() and (not only or p.name in only):
-            found[p.name] = signature(p)
+            try:
+                found[p.name] = signature(p)
+            except FileNotFoundError:  # the folder itself was removed while we looked: it is gone
+                continue
     return found
 
 
@@ -86,10 +89,16 @@ class Poller:
         self.acted = {n: sig for n, sig in first.items() if n in engine.models or n in engine.failed}
         while True:
             await asyncio.sleep(self.every_s)
-            seen = await asyncio.to_thread(snapshot, self.models_dir, self.only)
-            for name, sig in self.settle.observe(seen, time.monotonic()).items():
-                if self.acted.get(name) != sig:
-                    await self._act(name, sig)
+            try:
+                await self._poll_once()
+            except OSError as exc:  # a folder changed under us (removed mid-read): the next poll sees it settled
+                log.warning("poll: %s", exc)
+
+    async def _poll_once(self) -> None:
+        seen = await asyncio.to_thread(snapshot, self.models_dir, self.only)
+        for name, sig in self.settle.observe(seen, time.monotonic()).items():
+            if self.acted.get(name) != sig:
+                await self._act(name, sig)
 
     async def _act(self, name: str, sig: Signature | None) -> None:
         repo = self.repository

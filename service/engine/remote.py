@@ -97,7 +97,7 @@ class ModelProcess:
         self.closing = True
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(zmq.ZMQError):
-                await self.sock.send_multipart(ipc.encode({"op": "stop", "id": 0}))
+                await self._send(ipc.encode({"op": "stop", "id": 0}))
             try:
                 await asyncio.wait_for(self.proc.wait(), 10)
             except TimeoutError:
@@ -115,12 +115,19 @@ class ModelProcess:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
-            await self.sock.send_multipart(ipc.encode({"op": op, "id": rid, **fields}), copy=False)
+            try:
+                await self._send(ipc.encode({"op": op, "id": rid, **fields}))
+            except zmq.ZMQError as exc:
+                raise ServiceError(
+                    ErrorKind.MODEL_NOT_READY,
+                    f"model {self.folder!r} is not ready: its model process is gone ({exc})",
+                    headers={"Retry-After": "1"},
+                ) from None
             header, buffers = await asyncio.wait_for(future, wait_s)
         except (asyncio.CancelledError, TimeoutError) as exc:
             # The client went away or the deadline passed: the model process drops the request's queued texts.
             with contextlib.suppress(zmq.ZMQError):
-                await self.sock.send_multipart(ipc.encode({"op": "cancel", "id": rid}))
+                await self._send(ipc.encode({"op": "cancel", "id": rid}))
             if isinstance(exc, TimeoutError):
                 raise deadline_exceeded(fields.get("model", self.folder), own_ms) from None
             raise
@@ -129,6 +136,12 @@ class ModelProcess:
         if not header["ok"]:
             raise ipc.error_from(header)
         return header, buffers
+
+    async def _send(self, frames: ipc.Frames) -> None:
+        """Never waits. With no high-water mark (configure) a DEALER refuses a message only when it has no peer at
+        all: over inproc:// once the model server's socket has closed (ThreadLauncher), where no reconnect comes, so an
+        awaited send would wait forever (a request or `close` hung, not answered 503). zmq.Again says so at once."""
+        await self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
 
     async def _read(self) -> None:
         while True:
@@ -299,7 +312,9 @@ class RemoteEngine:
         await self.repository.close()
         for model in list(self._models.values()):
             await model.process.close()
-        self.ctx.term()
+        # destroy, not term: term waits for every socket of the context to close, forever for one whose process was
+        # never closed (a spawn cancelled by this shutdown, say a poll-mode load); linger is 0 on all of them anyway.
+        self.ctx.destroy(linger=0)
         self._dir.cleanup()
 
     async def metrics_exposition(self) -> bytes:
