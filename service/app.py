@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.api import explorer, v1, v2
+from service.api import explorer, repository, v1, v2
 from service.api.access import RequestContext
 from service.api.common import CLIENT_GONE, JSON, ClientDisconnected, counted_failure, validation_error
 from service.api.fast_route import FastClassify
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None, loader: BackendLoader | None = 
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(explorer.router)  # GET /explorer: the routing explorer page
+    app.include_router(repository.router)
     _add_error_handlers(app, metrics)
     _add_ops_routes(app, metrics)
     app.add_middleware(FastClassify, state=app.state)  # the hot route, past FastAPI's machinery
@@ -135,13 +136,14 @@ def _engine_lifespan(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine: EngineHandle
         if remote:
-            engine = RemoteEngine(settings, ThreadLauncher(loader) if loader else None)
+            engine = RemoteEngine(settings, ThreadLauncher(loader) if loader else None, metrics)
         else:
             engine = LocalEngine(settings, metrics, loader)
         app.state.engine = engine
         await engine.start()  # every model loaded and warmed up before accepting traffic
-        # A dead or hung worker: stop serving (the CLI's server drains what it can; under another runner, SIGTERM)
-        # and exit non-zero (engine.fatal) for the orchestrator to restart the process.
+        # The engine cannot serve (every model failed, or a crash with exit_on_model_crash; in-process: a dead or
+        # hung worker): stop serving (the CLI's server drains what it can; under another runner, SIGTERM) and exit
+        # non-zero (engine.fatal) for the orchestrator to restart the process.
         stop = getattr(app.state, "stop_server", None) or (lambda: os.kill(os.getpid(), signal.SIGTERM))
         engine.watch(lambda _: stop())
         grpc_server = await _start_grpc(app) if settings.grpc_port is not None else None

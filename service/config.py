@@ -83,6 +83,29 @@ class Settings(BaseSettings):
     worker_hang_s: float = Field(
         120.0, gt=0, description="a batch running longer than this marks the model dead and the process exits non-zero"
     )
+    model_control: Literal["none", "explicit", "poll"] = Field(
+        "none",
+        description="none: the folders found at start serve until the server stops; explicit: also "
+        "POST /v2/repository/models/{m}/load and /unload; poll: the models directory is watched and new, changed "
+        "or removed folders are loaded, reloaded or unloaded (model process mode only)",
+    )
+    poll_interval_s: float = Field(2.0, gt=0, description="poll mode: how often the models directory is read")
+    poll_settle_s: float = Field(
+        3.0, ge=0, description="poll mode: a folder must stay unchanged this long before it is loaded (being copied)"
+    )
+    restart_backoff_s: float = Field(
+        0.5, gt=0, description="first delay before a dead or hung model process is restarted; doubles per crash"
+    )
+    restart_backoff_max_s: float = Field(30.0, gt=0, description="longest delay between restarts of a model process")
+    max_restarts: int = Field(
+        5, ge=1, description="this many crashes of one model within restart_window_s make the model failed"
+    )
+    restart_window_s: float = Field(300.0, gt=0, description="the window in which crashes count toward max_restarts")
+    exit_on_model_crash: bool = Field(
+        False,
+        description="stop the server (exit 3) when a model process dies, instead of restarting it (it exits anyway "
+        "once every model has failed)",
+    )
     shutdown_drain_s: float = Field(
         2.0, ge=0, description="on SIGTERM: keep accepting this long, answering 503 (Connection: close), then stop"
     )

@@ -25,6 +25,8 @@ class ErrorKind(str, Enum):
     UNAUTHORIZED = "unauthorized"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    MODEL_CONTROL_OFF = "model_control_off"
+    NOT_SUPPORTED = "not_supported"
 
 
 STATUS: dict[ErrorKind, int] = {
@@ -42,6 +44,8 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.UNAUTHORIZED: 401,
     ErrorKind.SHUTTING_DOWN: 503,
     ErrorKind.INTERNAL: 500,
+    ErrorKind.MODEL_CONTROL_OFF: 409,  # load/unload asked of a server started without MOE_MODEL_CONTROL=explicit
+    ErrorKind.NOT_SUPPORTED: 501,  # repository control in single-process mode (MOE_MODEL_PROCESS=false)
 }
 
 # The same kinds over gRPC (service/api/grpc_v2): names of grpc.StatusCode members, so this table imports no grpc.
@@ -59,6 +63,8 @@ GRPC_STATUS: dict[ErrorKind, str] = {
     ErrorKind.CLIENT_GONE: "CANCELLED",
     ErrorKind.UNAUTHORIZED: "UNAUTHENTICATED",
     ErrorKind.SHUTTING_DOWN: "UNAVAILABLE",
+    ErrorKind.MODEL_CONTROL_OFF: "FAILED_PRECONDITION",
+    ErrorKind.NOT_SUPPORTED: "UNIMPLEMENTED",
     ErrorKind.INTERNAL: "INTERNAL",
 }
 

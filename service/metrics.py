@@ -111,6 +111,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         if http:
             self._http_metrics()
+            self._repository_metrics()
         if engine:
             self._engine_metrics()
 
@@ -131,6 +132,29 @@ class Metrics:
             "Request time from receipt to response.",
             ["model", "route", "protocol"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def _repository_metrics(self) -> None:
+        """Kept by the API process, which starts, swaps and restarts the model processes."""
+        r = self.registry
+        labels = ["model", "outcome"]
+        self.model_loads = Counter("moe_model_loads", "Model loads by outcome (ok, error).", labels, registry=r)
+        self.model_reloads = Counter(
+            "moe_model_reloads", "Zero-downtime reloads of a serving model by outcome (ok, error).", labels, registry=r
+        )
+        self.model_unloads = Counter("moe_model_unloads", "Model unloads by outcome (ok, error).", labels, registry=r)
+        self.model_restarts = Counter(
+            "moe_model_restarts",
+            "Restarts of a crashed model process by outcome (ok; error: the new one failed to start; gave_up: the "
+            "model is failed).",
+            labels,
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "moe_model_version_info",
+            "The version serving (a hash of the folder's config, tokenizer and weights), value 1.",
+            ["model", "version"],
             registry=r,
         )
 

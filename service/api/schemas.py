@@ -9,8 +9,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 from service.modeling.windows import LongText
 
 # A text to classify: the schema says what the code checks (not empty, not only whitespace); the code keeps its
-# own clearer message, naming the text by index.
-Text = Annotated[StrictStr, WithJsonSchema({"type": "string", "minLength": 1, "pattern": "\\S"})]
+# own clearer message, naming the text by index. Whitespace is what str.strip() removes, which is not regex's \s
+# (it counts U+001C..U+001F and U+0085, not U+FEFF): the pattern spells out Python's set.
+PY_SPACE = "\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+Text = Annotated[StrictStr, WithJsonSchema({"type": "string", "minLength": 1, "pattern": f"[^{PY_SPACE}]"})]
 
 
 def _whole(v: object) -> object:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 
 from service.api.common import JSON, timing_headers, unless_disconnected
 from service.api.oip import (
+    INPUT_NAME,
     SERVER_NAME,
     SERVER_VERSION,
     decode_bytes_tensor,
@@ -28,8 +29,9 @@ from service.api.oip import (
 )
 from service.api.oip import bad as _bad
 from service.api.oip import model_metadata as oip_model_metadata
-from service.api.schemas import InferRequest, InferResponse, ModelMetadata
+from service.api.schemas import InferRequest, InferResponse, InferTensor, ModelMetadata
 from service.api.v1 import ERRORS, engine_of, settings_of
+from service.config import Settings
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -91,7 +93,13 @@ async def ready(request: Request) -> JSON:
 
 @router.get("/models/{model}", response_model=ModelMetadata, responses=ERRORS, summary="Model metadata")
 async def model_metadata(model: str, request: Request) -> JSON:
-    return JSON(oip_model_metadata(engine_of(request).get(model)))
+    w = engine_of(request).get(model)
+    return JSON({**oip_model_metadata(w), "versions": [_version(w)]})
+
+
+def _version(model: object) -> str:
+    """The folder's version hash on the model-process path (GET /v2/repository/index); "1" in one-process mode."""
+    return getattr(model, "version", None) or "1"
 
 
 @router.get("/models/{model}/ready", responses=ERRORS, summary="Model readiness")
@@ -121,17 +129,63 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
     return walk(schema)
 
 
+def _json_tensor_schema(max_texts: int) -> dict[str, Any]:
+    """The input tensor of a JSON-only body, as the code checks it: `data` present (the binary extension's
+    `parameters.binary_data_size` goes with the Inference-Header-Content-Length header and binary bytes after the
+    JSON, which a JSON body has not), and a shape that agrees with it: [n] and n texts, or [n, 1] and n texts or n
+    one-text rows. JSON Schema cannot compare a number with a length, so each n (up to the default
+    max_client_batch_size; a larger setting accepts more than this documents) is one branch."""
+    text = InferTensor.model_json_schema()["properties"]["data"]["anyOf"][0]["items"]["anyOf"][0]
+    row = {"type": "array", "items": text, "minItems": 1, "maxItems": 1}
+    # One branch per count n: shape [n] or [n, 1] with n elements ...
+    counts = [
+        {"properties": {"shape": {"enum": [[n], [n, 1]]}, "data": {"minItems": n, "maxItems": n}}}
+        for n in range(1, max_texts + 1)
+    ]
+    # ... and the elements all texts, or all one-text rows of a [n, 1] tensor.
+    forms = [
+        {"properties": {"data": {"items": text}}},
+        {"properties": {"shape": {"minItems": 2}, "data": {"items": row}}},
+    ]
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": INPUT_NAME, "type": "string"},
+            "datatype": {"const": "BYTES", "type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1, "maxItems": 2},
+            "data": {"type": "array", "minItems": 1},
+            "parameters": {
+                "anyOf": [{"type": "object", "properties": {"binary_data_size": False}}, {"type": "null"}],
+                "description": "binary_data_size only with the binary extension (see the operation's description)",
+            },
+        },
+        "required": ["name", "datatype", "shape", "data"],
+        "allOf": [{"anyOf": counts}, {"anyOf": forms}],
+    }
+
+
+def _infer_body_schema() -> dict[str, Any]:
+    schema = _inlined(InferRequest.model_json_schema())
+    max_texts = Settings.model_fields["max_client_batch_size"].default
+    schema["properties"]["inputs"]["items"] = _json_tensor_schema(max_texts)
+    return schema
+
+
 @router.post(
     "/models/{model}/infer",
     response_model=InferResponse,
     responses=ERRORS,
     summary="Inference",
+    description="JSON: the `text` tensor's `data` holds the texts. Binary tensor extension (what tritonclient sends): "
+    "the `Inference-Header-Content-Length` header gives the length of the JSON part; the tensor then has "
+    "`parameters.binary_data_size` instead of `data`, and that many bytes follow the JSON (each text a 4-byte "
+    "little-endian length and its UTF-8 bytes).",
     openapi_extra={
         "requestBody": {
             "required": True,
             # Self-contained ($defs inside): the body is parsed by hand (JSON or binary), so FastAPI registers none
             # of its parts as components.
-            "content": {"application/json": {"schema": _inlined(InferRequest.model_json_schema())}},
+            "content": {"application/json": {"schema": _infer_body_schema()}},
         }
     },
 )
@@ -149,7 +203,7 @@ async def infer(model: str, request: Request) -> JSON:
         name: {"name": name, "datatype": dtype, "shape": shape, "data": data.tolist()}
         for name, (dtype, shape, data) in output_tensors(worker, result).items()
     }
-    body = {"model_name": worker.name, "model_version": "1", "outputs": [tensors[n] for n in wanted]}
+    body = {"model_name": worker.name, "model_version": _version(worker), "outputs": [tensors[n] for n in wanted]}
     if req.id is not None:
         body["id"] = req.id
     return JSON(body, headers=timing_headers(result, time.perf_counter() - t0))

@@ -3,6 +3,7 @@ Runtime), the engine (through ModelInfo), evaluation and the CLI judge and descr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -10,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from service.modeling.config import ModelConfig
-from service.modeling.layout import CONFIG_FILE, MODEL_TYPE, TOKENIZER_FILE
+from service.modeling.layout import CONFIG_FILE, MODEL_TYPE, ONNX_FILE, ONNX_INT8_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+
+# What a model's answers depend on: a change to any of these is a new version (eval.json, plots, README are not).
+VERSIONED_FILES = (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, ONNX_FILE, ONNX_INT8_FILE)
 
 
 class ModelFolderError(ValueError):
@@ -130,3 +134,17 @@ def write_temperature(model_dir: str | Path, temperature: float) -> None:
     if not valid_temperature(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     update_config(model_dir, temperature=float(temperature))
+
+
+def folder_version(model_dir: str | Path) -> str:
+    """A short hash of the folder's config, tokenizer and weights (those present): the model's version, the same
+    for the same files wherever they are."""
+    digest = hashlib.sha256()
+    for name in VERSIONED_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0")
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:12]

@@ -43,10 +43,11 @@ def _post_in_background(url: str, texts: list[str] = TEXTS) -> tuple[threading.T
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_a_lost_model_process_gives_503_and_a_non_zero_exit(models_dir: Path, tmp_path: Path, fault: str) -> None:
-    """killed: SIGKILL while a request waits. hung: SIGSTOP, so it cannot even answer pings; after
+    """With MOE_EXIT_ON_MODEL_CRASH (by default the process is restarted: tests/e2e/test_repository.py).
+    killed: SIGKILL while a request waits. hung: SIGSTOP, so it cannot even answer pings; after
     MOE_WORKER_HANG_S (plus a slack for long batches) the API process kills it. Either way the waiting request gets
     a clean 503 and the server exits 3, for an orchestrator to restart it."""
-    proc, url = _spawn(models_dir, tmp_path / "log", MOE_WORKER_HANG_S="1.5")
+    proc, url = _spawn(models_dir, tmp_path / "log", MOE_WORKER_HANG_S="1.5", MOE_EXIT_ON_MODEL_CRASH="true")
     try:
         (model_pid,) = _children(proc.pid)
         assert httpx.post(f"{url}/v1/classify", json={"inputs": TEXTS}).status_code == 200

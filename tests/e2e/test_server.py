@@ -461,14 +461,15 @@ def test_api_key_request_ids_and_access_log(models_dir: Path, tmp_path: Path) ->
 
 def test_hung_worker_makes_the_process_exit_non_zero(tmp_path: Path) -> None:
     """A batch that runs past MOE_WORKER_HANG_S (here: the MiniLM model on 64 long texts against a 0.3 s limit)
-    counts as a hung worker: the model process exits 3, the waiting request gets 503, and the server exits with 3
-    so an orchestrator restarts it."""
+    counts as a hung worker: the model process exits 3, the waiting request gets 503, and (MOE_EXIT_ON_MODEL_CRASH;
+    by default the model process is restarted) the server exits with 3 so an orchestrator restarts it."""
     env = {
         "MOE_MODELS_DIR": str(Path(__file__).resolve().parents[2] / "models"),
         "MOE_MODELS": "bbc-news-minilm-moe",
         "MOE_BACKEND": "torch",
         "MOE_PRECISION": "fp32",
         "MOE_WORKER_HANG_S": "0.3",
+        "MOE_EXIT_ON_MODEL_CRASH": "true",
     }
     proc, url = spawn_serve(tmp_path / "log", **env)
     try:

@@ -67,6 +67,7 @@ def test_every_alert_has_a_unit_test_where_it_fires() -> None:
         "MoeServeRoutingDrift",
         "MoeServeDown",
         "MoeServeModelNotReady",
+        "MoeServeModelRestartLoop",
     }
     assert set(alert_rules()) == expected
 
