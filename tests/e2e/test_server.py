@@ -18,7 +18,7 @@ import pytest
 
 from service.modeling.artifacts import load_model
 from service.training.data import load_dataset
-from service.training.predict import loaded_forward, predict
+from service.training.predict import predict_texts
 from tests.e2e.conftest import run_server, spawn_serve
 
 pytestmark = pytest.mark.e2e
@@ -36,13 +36,10 @@ def _texts(n: int) -> list[str]:
 
 
 def _reference_probs(model_dir: Path, texts: list[str]) -> np.ndarray:
-    """Plain in-process reference: each text alone through the model (batch of one), at the model's temperature."""
+    """Plain in-process reference: each text alone through the model (its windows, if longer than the model reads,
+    as served by default), at the model's temperature."""
     bundle = load_model(model_dir)
-    rows = []
-    for t in texts:
-        ids = bundle.tokenizer.encode_batch([t], bundle.folder.config.max_length)[0].ids
-        rows.append(predict(loaded_forward(bundle), [ids], temperature=bundle.folder.temperature).probs[0])
-    return np.stack(rows)
+    return np.concatenate([predict_texts(bundle, [t])[0].probs for t in texts])
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
