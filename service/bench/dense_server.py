@@ -17,8 +17,9 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+
+from service.bench.served import yardstick_app
 
 MAX_BATCH, MAX_WAIT_S = 64, 0.005
 
@@ -59,28 +60,21 @@ def dense_app(graph_path: str, tokenizer_path: str, max_length: int, threads: in
     graph = DenseGraph(graph_path, tokenizer.pad_id, threads)
     q: queue.Queue = queue.Queue()
     threading.Thread(target=_worker, args=(q, graph, tokenizer, max_length), daemon=True).start()
-    app = FastAPI()
 
-    @app.get("/v2/health/ready")
-    def ready() -> dict:
-        return {"ready": True}
-
-    @app.post("/v1/classify")
-    async def classify(request: Request) -> JSONResponse:
-        body = await request.json()
-        texts = body["inputs"] if isinstance(body["inputs"], list) else [body["inputs"]]
+    async def answer(texts: list[str]) -> list[dict]:
         futures: list[Future] = [Future() for _ in texts]
         for t, f in zip(texts, futures, strict=True):
             q.put((t, f))
         rows = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        preds = []
-        for row in rows:
-            p = np.exp(row - row.max())
-            p /= p.sum()
-            preds.append({"label": int(p.argmax()), "score": float(p.max())})
-        return JSONResponse({"predictions": preds})
+        return [_prediction(row) for row in rows]
 
-    return app
+    return yardstick_app(answer)
+
+
+def _prediction(logits: np.ndarray) -> dict:
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    return {"label": int(p.argmax()), "score": float(p.max())}
 
 
 if __name__ == "__main__" and len(sys.argv) == 6:

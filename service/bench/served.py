@@ -19,7 +19,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,6 +243,24 @@ def lone_requests(url: str, bodies: list[bytes], n: int = 40, gap_s: float = 0.0
     }
 
 
+def yardstick_app(answer: Callable[[list[str]], Awaitable[list[dict]]]) -> FastAPI:
+    """The whole HTTP surface of a yardstick server (naive, dense): readiness, and POST /v1/classify with
+    {"inputs": text | [texts]} answered by `answer`."""
+    app = FastAPI()
+
+    @app.get("/v2/health/ready")
+    def ready() -> dict:
+        return {"ready": True}
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> JSONResponse:
+        body = await request.json()
+        texts = body["inputs"] if isinstance(body["inputs"], list) else [body["inputs"]]
+        return JSONResponse({"predictions": await answer(texts)})
+
+    return app
+
+
 def naive_app(model_dir: str, threads: int) -> Any:
     """One request at a time: tokenize, forward a batch of one, answer. Same model, same threads."""
     import numpy as np
@@ -254,30 +272,20 @@ def naive_app(model_dir: str, threads: int) -> Any:
     torch.set_num_threads(threads)
     bundle = load_model(model_dir)
     lock = threading.Lock()
-    app = FastAPI()
 
-    @app.get("/v2/health/ready")
-    def ready() -> dict:
-        return {"ready": True}
+    def run(texts: list[str]) -> list:
+        with lock, torch.inference_mode():
+            out = []
+            for t in texts:
+                ids = bundle.tokenizer.encode_batch([t], bundle.folder.config.max_length)[0].ids
+                p = bundle.model(*pad_batch([ids])).logits.softmax(-1)[0].numpy()
+                out.append({"label": bundle.folder.labels[int(np.argmax(p))], "score": float(p.max())})
+            return out
 
-    @app.post("/v1/classify")
-    async def classify(request: Request) -> JSONResponse:
-        body = await request.json()
-        texts = body["inputs"] if isinstance(body["inputs"], list) else [body["inputs"]]
+    async def answer(texts: list[str]) -> list:
+        return await asyncio.to_thread(run, texts)
 
-        def run() -> list:
-            with lock, torch.inference_mode():
-                out = []
-                for t in texts:
-                    ids = bundle.tokenizer.encode_batch([t], bundle.folder.config.max_length)[0].ids
-                    p = bundle.model(*pad_batch([ids])).logits.softmax(-1)[0].numpy()
-                    out.append({"label": bundle.folder.labels[int(np.argmax(p))], "score": float(p.max())})
-                return out
-
-        preds = await asyncio.to_thread(run)
-        return JSONResponse({"predictions": preds})
-
-    return app
+    return yardstick_app(answer)
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "naive":

@@ -80,3 +80,27 @@ def test_compare_rows_and_ratios(tiny_bert_moe_dir: Path, tmp_path: Path) -> Non
     assert set(r["ratios"]["best_moe_vs_best_dense_ort"]) == set(REGIMES)
     assert "onnx int8" in r["ratios"]["moe_vs_all_experts"]
     assert not (tiny_bert_moe_dir / "model.onnx").exists()  # the bench works on a copy
+
+
+def test_dense_server_batches_and_answers(dense_graphs: dict[str, Path], tiny_bert_moe_dir: Path, tmp_path: Path):
+    """The served yardstick: the fused dense graph behind its small batching server answers concurrent requests
+    with the graph's own labels (a batch of several requests, one at a time, the same answers)."""
+    import asyncio
+
+    import httpx
+
+    from service.bench.dense_vs_moe import _dense_server
+
+    loaded = load_model(tiny_bert_moe_dir)
+    texts = ["alpha beta gamma", "delta epsilon", "gamma gamma alpha beta delta"] * 4
+    graph = DenseGraph(dense_graphs["fp32"], loaded.tokenizer.pad_id)
+    want = graph.forward([e.ids for e in loaded.tokenizer.encode_batch(texts, loaded.folder.config.max_length)])
+    with _dense_server(dense_graphs["fp32"], loaded, 1, tmp_path / "dense.log") as url:
+
+        async def post_all() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                return await asyncio.gather(*(client.post("/v1/classify", json={"inputs": t}) for t in texts))
+
+        responses = asyncio.run(post_all())
+    assert [r.status_code for r in responses] == [200] * len(texts)
+    assert [r.json()["predictions"][0]["label"] for r in responses] == want.argmax(1).tolist()
