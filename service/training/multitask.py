@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.modeling.classifier import ClassifierOutput, MoEClassifier, pad_batch
+from service.modeling.classifier import ClassifierOutput, MoEClassifier
 from service.modeling.task_view import TaskModel, task_view
 from service.training.calibration import fit_temperature
 from service.training.data import Example, cap_examples
@@ -32,9 +32,6 @@ from service.training.train import (
     EarlyStopping,
     Selected,
     Trainer,
-    _augment,
-    _batches,
-    _EpochStats,
     _lr_lambda,
     _macro_f1,
     _optimizer,
@@ -130,36 +127,17 @@ class MultiTaskTrainer(Trainer):
         self.selected = Selected(self.model, tr)
         self.by_task: dict[str, Any] = {}
 
-    def train_epoch(self, epoch: int, progress: bool) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+    def epoch_rows(self) -> list[int]:
+        """Each task's quota of its texts, drawn afresh every epoch (tasks sampled by size ** 1/T)."""
+        return epoch_rows(self.task_rows, self.quotas, self.rng)
 
-        self.model.train()
-        stats = _EpochStats(len(self.model.moe_layers), self.model.config.num_experts)
-        rows = epoch_rows(self.task_rows, self.quotas, self.rng)
-        batches = _batches([min(len(self.texts[i].inner), self.room) for i in rows], self.tr.batch_size, self.rng)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{self.tr.epochs}", disable=not progress, leave=False)
-        for batch in bar:
-            out, y, loss, ce = self._step([rows[i] for i in batch])
-            stats.add(out, y, loss, ce)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        return stats.row()
-
-    def _step(self, batch: list[int]) -> tuple[ClassifierOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
-        tr, tok = self.tr, self.tokenizer
-        seqs = [tok.frame(_augment(self.texts[i], self.room, tr, self.rng), self.train_length) for i in batch]
-        ids, mask = pad_batch(seqs, tok.pad_id)
-        y = torch.tensor([self.texts[i].label for i in batch])
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, batch: list[int]
+    ) -> tuple[ClassifierOutput, torch.Tensor]:
+        """Each text routed and classified by its own task; cross-entropy over its task's labels."""
         tasks = torch.tensor([self.task_of[i] for i in batch])
         out = self.model(ids, mask, tasks)
-        ce = self.task_loss(out.logits, y, tasks)
-        loss = ce + tr.aux_loss_coef * out.aux_loss + tr.z_loss_coef * out.z_loss
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.selected.update(self.model)
-        return out, y, loss, ce
+        return out, self.task_loss(out.logits, y, tasks)
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each text over its own task's labels, weighted by its task's weight, mean over the batch.

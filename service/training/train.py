@@ -170,7 +170,6 @@ class _EpochStats:
         }
 
 
-
 def load_splits(dr: DataRecipe) -> tuple[Dataset, dict[str, list[Example]]]:
     """The dataset and its three splits, each capped as the recipe says; an empty split is an error."""
     ds = load_dataset(dr.source, dr.text_column, dr.label_column, dr.split_seed, dr.split_fractions)
@@ -269,21 +268,25 @@ class Trainer:
 
         self.model.train()
         stats = _EpochStats(len(self.model.moe_layers), self.model.config.num_experts)
-        batches = _batches([min(len(t.inner), self.room) for t in self.texts], self.tr.batch_size, self.rng)
+        rows = self.epoch_rows()
+        batches = _batches([min(len(self.texts[i].inner), self.room) for i in rows], self.tr.batch_size, self.rng)
         bar = tqdm(batches, desc=f"epoch {epoch}/{self.tr.epochs}", disable=not progress, leave=False)
         for batch in bar:
-            out, y, loss, ce = self._step(batch)
+            out, y, loss, ce = self._step([rows[i] for i in batch])
             stats.add(out, y, loss, ce)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         return stats.row()
+
+    def epoch_rows(self) -> list[int]:
+        """The training texts an epoch reads (here every one; a multi-task trainer draws them per task)."""
+        return list(range(len(self.texts)))
 
     def _step(self, batch: list[int]) -> tuple[ClassifierOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
         tr, tok = self.tr, self.tokenizer
         seqs = [tok.frame(_augment(self.texts[i], self.room, tr, self.rng), self.train_length) for i in batch]
         ids, mask = pad_batch(seqs, tok.pad_id)
         y = torch.tensor([self.texts[i].label for i in batch])
-        out = self.model(ids, mask)
-        ce = F.cross_entropy(out.logits, y, label_smoothing=tr.label_smoothing)
+        out, ce = self._forward(ids, mask, y, batch)
         loss = ce + tr.aux_loss_coef * out.aux_loss + tr.z_loss_coef * out.z_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,6 +295,13 @@ class Trainer:
         self.sched.step()
         self.selected.update(self.model)
         return out, y, loss, ce
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, batch: list[int]
+    ) -> tuple[ClassifierOutput, torch.Tensor]:
+        """The model on a batch and its task loss (cross-entropy)."""
+        out = self.model(ids, mask)
+        return out, F.cross_entropy(out.logits, y, label_smoothing=self.tr.label_smoothing)
 
     def validate(self) -> tuple[float, float]:
         """Accuracy and macro-F1 of the selected weights, as stored, on the validation texts."""
