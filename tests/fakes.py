@@ -50,7 +50,9 @@ class FakeBackend(Backend):
         self.delay_s = delay_s
         self.calls = 0
 
-    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
+    def forward(
+        self, sequences: list[list[int]], return_routing: bool = False, tasks: list[list[int]] | None = None
+    ) -> BatchOutput:
         self.calls += 1
         if self.delay_s:
             time.sleep(self.delay_s)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
+from service.backends.base import Backend, BatchOutput, LayerRouting, check_tasks, expert_counts, model_info
 from service.backends.variants import graphs
 from service.modeling.folder import ModelFolder, ModelFolderError, read_folder
 from service.modeling.layout import TOKENIZER_FILE
@@ -44,12 +44,14 @@ class OnnxBackend(Backend):
         if len(outputs) != 1 + 2 * self.info.moe_layers:
             raise ModelFolderError(f"{graph}: {len(outputs)} outputs, expected logits + 2 per MoE layer")
 
-    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
+    def forward(
+        self, sequences: list[list[int]], return_routing: bool = False, tasks: list[list[int]] | None = None
+    ) -> BatchOutput:
+        check_tasks(tasks, len(sequences), [])  # the exported graphs are single-task (export refuses the others)
         ids, mask = pad_ids(sequences, self.pad_id)
         logits, *routes = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
-        e = self.info.num_experts
         experts, gates = routes[0::2], routes[1::2]
-        counts = np.stack([np.bincount(x.reshape(-1), minlength=e) for x in experts]).astype(np.int64)
+        counts, _ = expert_counts(experts, self.info.num_experts, None, 0)
         routing = None
         if return_routing:
             routing = [LayerRouting(x, g.astype(np.float32, copy=False)) for x, g in zip(experts, gates, strict=True)]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from service.backends.base import Backend, BatchOutput, LayerRouting, model_info
+from service.backends.base import Backend, BatchOutput, LayerRouting, check_tasks, expert_counts, model_info, task_rows
 from service.modeling.artifacts import load_model
 from service.modeling.classifier import MoEClassifier, pad_batch
 from service.modeling.folder import ModelFolder
@@ -54,25 +53,38 @@ class TorchBackend(Backend):
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
 
-    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
+    def forward(
+        self, sequences: list[list[int]], return_routing: bool = False, tasks: list[list[int]] | None = None
+    ) -> BatchOutput:
         self._use_threads(sum(map(len, sequences)))
-        return run_model(self.model, sequences, self.pad_id, self.device, return_routing)
+        return run_model(self.model, sequences, self.pad_id, self.device, return_routing, tasks)
 
 
 @torch.inference_mode()
 def run_model(
-    model: MoEClassifier, sequences: list[list[int]], pad_id: int, device: str | torch.device, return_routing: bool
+    model: MoEClassifier,
+    sequences: list[list[int]],
+    pad_id: int,
+    device: str | torch.device,
+    return_routing: bool,
+    tasks: list[list[int]] | None = None,
 ) -> BatchOutput:
     """One batch of token id lists through a torch model, answered as every backend answers (numpy, no tensors):
     the torch backend and the offline predictions (training, evaluation) run a model through here."""
-    ids, mask = pad_batch(sequences, pad_id)
-    out = model(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-    e = model.config.num_experts
-    counts = torch.stack([torch.bincount(r.expert_ids.reshape(-1), minlength=e) for r in out.routing])
+    check_tasks(tasks, len(sequences), model.config.task_names)
+    ids, mask = (t.to(device, non_blocking=True) for t in pad_batch(sequences, pad_id))
+    if tasks is None:
+        out = model(ids, mask)
+    else:
+        row_text, row_task = (torch.tensor(r, dtype=torch.long, device=device) for r in task_rows(tasks))
+        out = model.forward_rows(ids, mask, row_text, row_task)
     routing = None
     if return_routing:
         routing = [LayerRouting(r.expert_ids.cpu().numpy(), r.gates.float().cpu().numpy()) for r in out.routing]
-    return BatchOutput(out.logits.float().cpu().numpy(), counts.cpu().numpy().astype(np.int64), routing)
+    expert_ids = [r.expert_ids.cpu().numpy() for r in out.routing]
+    token_task = None if out.token_task is None else out.token_task.cpu().numpy()
+    counts, by_task = expert_counts(expert_ids, model.config.num_experts, token_task, len(model.config.task_names))
+    return BatchOutput(out.logits.float().cpu().numpy(), counts, routing, by_task)
 
 
 def set_threads(threads: int | None) -> None:

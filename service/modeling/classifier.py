@@ -238,31 +238,48 @@ class MoEClassifier(nn.Module):
     def forward_tasks(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tasks: list[list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each text asked for several tasks (tasks[i]: text i's task ids): the blocks below the first task-routed
-        one run once per text, the rest once per (text, task). Returns the logits of the (text, task) rows, text
-        after text and each text's tasks in the order asked, and each row's text index. The same logits as
-        `forward` on the texts repeated once per task (tested), for less work where the bottom layers are shared."""
-        rows = [(i, t) for i, ts in enumerate(tasks) for t in ts]
-        row_text = torch.tensor([i for i, _ in rows], dtype=torch.long, device=input_ids.device)
-        row_task = torch.tensor([t for _, t in rows], dtype=torch.long, device=input_ids.device)
-        self._token_tasks(row_task, len(rows), attention_mask[row_text])  # checks the ids
+        """Each text asked for several tasks (tasks[i]: text i's task ids): `forward_rows` with a row per (text,
+        task), text after text and each text's tasks in the order asked. Returns those rows' logits and text index."""
+        device = input_ids.device
+        row_text = torch.tensor([i for i, ts in enumerate(tasks) for _ in ts], dtype=torch.long, device=device)
+        row_task = torch.tensor([t for ts in tasks for t in ts], dtype=torch.long, device=device)
+        return self.forward_rows(input_ids, attention_mask, row_text, row_task).logits, row_text
+
+    def forward_rows(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_text: torch.Tensor, row_task: torch.Tensor
+    ) -> ClassifierOutput:
+        """Texts [B, L] asked for tasks: output row r is text row_text[r] under task row_task[r]. The blocks below
+        the first task-routed one run once per text, the rest once per row: the same logits as `forward` on the
+        texts repeated per row (tested), for less work where the bottom layers are shared. The routing is over the
+        rows' packed tokens (a shared layer's routing of a text repeated in each of its rows), as `forward` on the
+        repeated texts would give it."""
+        self._token_tasks(row_task, len(row_task), attention_mask.index_select(0, row_text))  # checks the ids
         packed = PackedBatch.from_mask(attention_mask)
         h = self.embed(input_ids.reshape(-1).index_select(0, packed.flat_index), packed)
         routed = [b.task_routed for b in self.blocks]
         first = routed.index(True) if True in routed else len(self.blocks)
+        shared: list[RouterOutput] = []
         for block in self.blocks[:first]:
-            h, _ = block(h, packed, attention_mask.bool())
+            h, r = block(h, packed, attention_mask.bool())
+            if r is not None:
+                shared.append(r)
         # From here on a text is a row per task: its tokens' states copied to each of its rows.
         mask = attention_mask.index_select(0, row_text)
         rep = PackedBatch.from_mask(mask)
         grid = row_text.index_select(0, rep.seq_ids) * rep.seq_len + rep.flat_index.remainder(rep.seq_len)
-        h = h.index_select(0, packed.unpack_index.index_select(0, grid))
+        copy = packed.unpack_index.index_select(0, grid)  # each row token's packed text token
+        h = h.index_select(0, copy)
+        routing = [r.select(copy) for r in shared]
         token_task = row_task.index_select(0, rep.seq_ids)
         for block in self.blocks[first:]:
-            h, _ = block(h, rep, mask.bool(), token_task)
+            h, r = block(h, rep, mask.bool(), token_task)
+            if r is not None:
+                routing.append(r)
         if self.norm is not None:
             h = self.norm(h)
-        return self._heads(self.pool(h, rep), row_task), row_text
+        logits = self._heads(self.pool(h, rep), row_task)
+        zero = logits.new_zeros(())
+        return ClassifierOutput(logits, zero, zero, routing, rep, token_task)
 
     def _token_tasks(
         self, task_ids: torch.Tensor | None, batch: int, attention_mask: torch.Tensor

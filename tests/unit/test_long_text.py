@@ -65,9 +65,11 @@ class RecordingBackend(FakeBackend):
         super().__init__(**kw)  # type: ignore[arg-type]
         self.batches: list[list[list[int]]] = []
 
-    def forward(self, sequences: list[list[int]], return_routing: bool = False) -> BatchOutput:
+    def forward(
+        self, sequences: list[list[int]], return_routing: bool = False, tasks: list[list[int]] | None = None
+    ) -> BatchOutput:
         self.batches.append([list(s) for s in sequences])
-        return super().forward(sequences, return_routing)
+        return super().forward(sequences, return_routing, tasks)
 
 
 LONG = "".join(chr(ord("a") + i % 26) for i in range(150))  # 150 tokens: windows at 0, 48, 86 with overlap 16

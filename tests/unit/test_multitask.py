@@ -221,3 +221,45 @@ def test_several_tasks_of_one_text_share_the_bottom_layers(routed: int | None) -
         expected = model(*pad_batch(repeated), tasks).logits
     assert row_text.tolist() == [0, 0, 1, 2, 2, 3, 4, 4]
     torch.testing.assert_close(logits, expected, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("routed", [None, 1])
+def test_rows_route_as_the_texts_repeated_per_task(routed: int | None) -> None:
+    """forward_rows' routing (shared layers copied into each row) and its per-task expert counts are those of
+    `forward` on the texts repeated once per row."""
+    import numpy as np
+
+    from service.backends.torch_backend import run_model
+
+    model = _model(n_layers=3, task_routed_layers=routed)
+    seqs, asked = _texts(4), [[1, 0], [0], [1], [0, 1]]
+    out = run_model(model, seqs, 0, "cpu", True, asked)
+    repeated = [seqs[i] for i, ts in enumerate(asked) for _ in ts]
+    tasks = torch.tensor([t for ts in asked for t in ts])
+    with torch.no_grad():
+        ref = model(*pad_batch(repeated), tasks)
+    np.testing.assert_allclose(out.logits, ref.logits.numpy(), atol=TOL, rtol=TOL)
+    for got, want in zip(out.routing or [], ref.routing, strict=True):
+        np.testing.assert_array_equal(got.expert_ids, want.expert_ids.numpy())
+    token_task = ref.token_task.numpy()
+    for t in range(2):
+        mine = [np.bincount(r.expert_ids[token_task == t].numpy().reshape(-1), minlength=8) for r in ref.routing]
+        np.testing.assert_array_equal(out.task_expert_counts[t], np.stack(mine))
+    np.testing.assert_array_equal(out.task_expert_counts.sum(0), out.expert_counts)
+
+
+@pytest.mark.parametrize("tasks", [None, [[0], [2]], [[0, 0], [1]], [[], [1]], [[0]]])
+def test_a_multi_task_batch_names_valid_tasks_for_every_text(tasks: list[list[int]] | None) -> None:
+    from service.backends.torch_backend import run_model
+
+    with pytest.raises(ValueError, match="task"):
+        run_model(_model(n_layers=2), _texts(2), 0, "cpu", False, tasks)
+
+
+def test_a_single_task_model_takes_no_tasks() -> None:
+    from service.backends.torch_backend import run_model
+
+    torch.manual_seed(0)
+    model = MoEClassifier(ModelConfig(vocab_size=100, num_labels=3, max_length=64, d_model=32, n_heads=4, d_ff=48))
+    with pytest.raises(ValueError, match="single-task"):
+        run_model(model.eval(), _texts(2), 0, "cpu", False, [[0], [0]])
