@@ -94,9 +94,7 @@ def tiny_bert_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def onnx_models_dir(
-    tiny_model_dir: Path, tiny_bert_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
+def onnx_models_dir(tiny_model_dir: Path, tiny_bert_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both tiny architectures (pre-norm from scratch; BERT post-norm converted by MoEfication), each exported to
     ONNX fp32 and int8 by `moe-serve export`'s code."""
     import shutil

@@ -48,5 +48,3 @@ def test_own_timeout_is_a_request_timeout() -> None:
     with pytest.raises(ServiceError) as server:
         asyncio.run(capped.classify(["market news"]))
     assert server.value.status == 504
-
-
