@@ -39,6 +39,11 @@ def test_folder_holds_every_task_and_what_the_experts_do(tiny_multitask_dir: Pat
         report = json.loads((tiny_multitask_dir / "eval" / task / "eval.json").read_text())
         assert report["task"] == task and report["macro_f1"] == summary["tasks"][task]["macro_f1"]
     assert (tiny_multitask_dir / "task_experts.png").stat().st_size > 0
+    # Drift references: the model-wide profile over every task's tokens, and each task's own under "tasks".
+    profile = json.loads((tiny_multitask_dir / "routing_profile.json").read_text())
+    assert set(profile["tasks"]) == {"mood", "topic"}
+    for p in [profile, *profile["tasks"].values()]:
+        assert all(abs(sum(layer["share"]) - 1) < 1e-3 for layer in p["layers"])
 
 
 def test_trained_model_answers_each_text_alone_in_a_mixed_batch(tiny_multitask_dir: Path) -> None:
