@@ -20,8 +20,9 @@ class TaskModel(nn.Module):
         super().__init__()
         self.model = model
         self.task_id = task_id
-        self.config = model.config
         self.width = list((model.config.tasks or {}).values())[task_id]
+        # What callers (run_model, predict) see: a one-task model of that task's width, taking no task ids.
+        self.config = dataclasses.replace(model.config, tasks=None, num_labels=self.width)
 
     @property
     def moe_layers(self) -> list:
@@ -30,7 +31,7 @@ class TaskModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ClassifierOutput:
         tasks = torch.full((input_ids.shape[0],), self.task_id, dtype=torch.long, device=input_ids.device)
         out = self.model(input_ids, attention_mask, tasks)
-        return dataclasses.replace(out, logits=out.logits[:, : self.width])
+        return dataclasses.replace(out, logits=out.logits[:, : self.width], token_task=None)
 
 
 def task_names(loaded: LoadedModel) -> list[str]:
