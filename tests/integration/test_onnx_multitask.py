@@ -160,3 +160,58 @@ def test_chosen_graph_is_built_on_first_load(multitask_graphs: dict[str, Path], 
     assert (b.kind, b.info.precision) == ("onnx", "int8")
     out = b.forward([[5, 6, 7], [8, 9]], tasks=[[1, 0], [1]])
     assert out.logits.shape == (3, 3) and np.isinf(out.logits[[0, 2], 2]).all() and np.isfinite(out.logits[1]).all()
+
+
+def test_dockerfile_export_then_choose_on_a_multitask_folder(multitask_graphs: dict[str, Path], tmp_path: Path) -> None:
+    """The Dockerfile's `moe-serve export --quantize int8` on a multi-task folder, with --choose: every CPU variant
+    timed on texts of both tasks (each asked for both) and judged per task on their validation splits; ONNX fp32
+    passes the fp32 bar (probabilities within 1e-4, the same labels and routing) on real texts of each task."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    folder = tmp_path / "baked"
+    shutil.copytree(multitask_graphs["trained"], folder)
+    for graph in (ONNX_FILE, ONNX_INT8_FILE):
+        (folder / graph).unlink()
+    cmd = [sys.executable, "-m", "service.cli", "export", "--model", str(folder), "--quantize", "int8", "--choose"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    rows = {(v["backend"], v["precision"]): v for v in result["variants"]}
+    assert set(rows) == {("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8")}
+    for row in rows.values():
+        assert set(row["tasks"]) == {"mood", "topic"} and row["batch_1"]["texts_per_s"] > 0
+        assert row["macro_f1"] == round(float(np.mean([t["macro_f1"] for t in row["tasks"].values()])), 4)
+    onnx = rows[("onnx", "fp32")]
+    for p in (onnx["parity"], *(t["parity"] for t in onnx["tasks"].values())):
+        assert p["max_abs_diff"] <= TOL and p["argmax_agreement"] == 1.0 and p["routing_agreement"] >= 0.999, p
+    assert onnx["parity"]["max_abs_diff"] == max(t["parity"]["max_abs_diff"] for t in onnx["tasks"].values())
+    serving = json.loads((folder / "config.json").read_text())["serving"]
+    assert {k: serving[k] for k in ("backend", "precision")} == result["chosen"]
+    out = load_backend(folder, "cpu").forward([[5, 6, 7]], tasks=[[0, 1]])
+    assert out.logits.shape == (2, 3)
+
+
+def test_evaluate_reports_each_task_s_parity_for_another_backend(multitask_graphs: dict[str, Path]) -> None:
+    """`moe-serve evaluate --backend onnx` on a multi-task folder: each task's report computed by ONNX Runtime, with
+    its parity against torch fp32 on that task's texts (and headlines), and the same figures as torch fp32."""
+    from service.modeling.artifacts import load_model
+    from service.training.task_eval import evaluate_tasks
+
+    folder = multitask_graphs["trained"]
+    bundle = load_model(folder)
+    ref = evaluate_tasks(bundle, "test", None)
+    got = evaluate_tasks(bundle, "test", None, backend=load_backend(folder, "cpu", "onnx", precision="fp32"))
+    assert set(got["tasks"]) == {"mood", "topic"}
+    for task, summary in got["tasks"].items():
+        assert summary["engine"] == {"backend": "onnx", "precision": "fp32"}
+        p = summary["parity"]
+        assert p["max_abs_diff"] <= TOL and p["argmax_agreement"] == 1.0 and p["routing_agreement"] >= 0.999, task
+        assert summary["macro_f1"] == ref["tasks"][task]["macro_f1"]
+    np.testing.assert_allclose(
+        np.array([layer[t] for layer in got["expert_share_by_task"] for t in ("mood", "topic")]),
+        np.array([layer[t] for layer in ref["expert_share_by_task"] for t in ("mood", "topic")]),
+        atol=1e-3,
+    )
