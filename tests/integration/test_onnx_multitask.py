@@ -112,8 +112,9 @@ def test_onnx_fp32_matches_torch_per_row_and_routing(multitask_graphs: dict[str,
         np.testing.assert_allclose(a.gates, b.gates, atol=TOL, rtol=0)
 
 
-def test_int8_and_bf16_agree_with_fp32_per_row(multitask_graphs: dict[str, Path]) -> None:
-    folder = multitask_graphs["trained"]
+@pytest.mark.parametrize("name", ["trained", "all-routed", "top-routed"])
+def test_int8_and_bf16_agree_with_fp32_per_row(multitask_graphs: dict[str, Path], name: str) -> None:
+    folder = multitask_graphs[name]
     ref_b = load_backend(folder, "cpu", "torch", precision="fp32")
     seqs, asked = _rows(40, ref_b.info.architecture["vocab_size"], ref_b.info.max_length, seed=3)
     ref = _task_probs(ref_b.forward(seqs, tasks=asked), asked, _widths(ref_b))
