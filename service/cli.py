@@ -62,13 +62,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_tasks(args: argparse.Namespace, loaded: Any, out: Path, variant: str) -> int:
     """A multi-task folder: every task (or those of --task), each as a single-task report, and the summary."""
+    from service.backends import load_backend
     from service.training.task_eval import evaluate_tasks
 
-    if variant:
-        raise ValueError("multi-task folders are evaluated with the torch backend at fp32 (no ONNX graphs yet)")
     if args.text_column or args.label_column:
         raise ValueError("--text-column and --label-column are per task: a multi-task folder records its own")
-    summary = evaluate_tasks(loaded, args.split, out, args.task, args.data)
+    backend = load_backend(loaded.folder, "cpu", args.backend, precision=args.precision) if variant else None
+    summary = evaluate_tasks(loaded, args.split, out, args.task, args.data, backend)
     print(json.dumps(summary, indent=2))
     print(f"report and plots written to {out}", file=sys.stderr)
     return 0
@@ -95,18 +95,13 @@ def _export(args: argparse.Namespace) -> int:
 
 def _choose_backend(model_dir: Path, threads: int | None) -> dict:
     """Measure every variant on the model's validation split and record the fastest correct one."""
-    from service.bench.backends import measure_variants, write_choice
+    from service.bench.backends import choice_texts, measure_variants, write_choice
     from service.bench.run import machine
     from service.modeling.artifacts import load_model
-    from service.training.evaluate import headline, model_examples
-    from service.training.predict import encode_texts
 
     loaded = load_model(model_dir)
     folder = loaded.folder
-    examples, _ = model_examples(folder, None, "validation")
-    # Articles and their first lines: served traffic brings both short and long texts.
-    raw = [e.text for e in examples[:64]] + [headline(e.text) for e in examples[:64]]
-    texts = encode_texts(loaded.tokenizer, raw, folder.config.max_length)
+    texts = choice_texts(loaded, "validation")
     rows = measure_variants(model_dir, texts, "validation", threads=threads)
     m = machine()
     choice = write_choice(model_dir, rows, f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}")

@@ -7,6 +7,9 @@ checks its answers against the reference (torch fp32) on a labelled split. `choo
 (geometric mean of the two regimes) that answers as the reference does: fp32 with probabilities within 1e-4, the
 same labels and routing 99.9% the same; bf16 / int8 with macro-F1 within 0.5 points. `write_choice` records it in
 config.json "serving", which `--backend auto` then follows.
+
+A multi-task folder is timed on texts of every task, each asked for every task (a row per text and task), and
+judged per task: its macro-F1 is the tasks' mean, its parity the worst task's.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +26,9 @@ from service.backends import load_backend
 from service.backends.base import Backend
 from service.backends.variants import REFERENCE, Variant, on_device
 from service.modeling.folder import update_config
+
+if TYPE_CHECKING:
+    from service.modeling.artifacts import LoadedModel
 
 FP32_MAX_DIFF, ROUTING_MIN, F1_MAX_DROP = 1e-4, 0.999, 0.005
 SATURATED = 64
@@ -61,12 +67,18 @@ def served_like_batches(seqs: list[list[int]], seed: int = 0) -> list[list[list[
     return out
 
 
+def run_all_tasks(backend: Backend, batch: list[list[int]]) -> None:
+    """One batch, each text asked for every task of a multi-task folder (for a single-task one, as it is)."""
+    every = list(range(len(backend.info.tasks)))
+    backend.forward(batch, tasks=[every] * len(batch) if every else None)
+
+
 def time_backend(backend: Backend, seqs: list[list[int]], repeats: int) -> dict[str, Any]:
     """Batch 1 over every text, batches of SATURATED (sorted by length, as the batcher cuts them) and served-like
     batches (random sizes and lengths, a new draw each pass); texts/s is the median over `repeats` passes, p50/p99
-    are per call over all passes."""
+    are per call over all passes. A multi-task folder's texts each ask for every task."""
     batches = length_sorted_batches(seqs, SATURATED)
-    backend.forward(batches[0])  # warm-up: lazy initialisation, caches
+    run_all_tasks(backend, batches[0])  # warm-up: lazy initialisation, caches
     out: dict[str, Any] = {}
     regimes = (
         ("batch_1", lambda _: [[s] for s in seqs]),
@@ -80,7 +92,7 @@ def time_backend(backend: Backend, seqs: list[list[int]], repeats: int) -> dict[
             t_pass = time.perf_counter()
             for call in calls:
                 t0 = time.perf_counter()
-                backend.forward(call)
+                run_all_tasks(backend, call)
                 per_call.append(time.perf_counter() - t0)
             per_pass.append(time.perf_counter() - t_pass)
         out[name] = {"texts_per_s": round(len(seqs) / statistics.median(per_pass), 1), **_percentiles(per_call)}
@@ -92,7 +104,6 @@ def measure_variants(
 ) -> list[dict[str, Any]]:
     """One row per available variant: speed, size on disk, and (when eval_split is given) accuracy and parity."""
     from service.modeling.artifacts import load_model
-    from service.training.evaluate import evaluate_model
 
     bundle = load_model(model_dir) if eval_split else None
     rows = []
@@ -103,12 +114,56 @@ def measure_variants(
         row |= time_backend(backend, timing_texts, repeats)
         if bundle is not None and eval_split is not None:
             other = None if variant == REFERENCE else backend
-            report = evaluate_model(bundle, None, eval_split, None, backend=other)
-            row["split"] = eval_split
-            row["macro_f1"] = report["macro_f1"]
-            row["parity"] = report.get("parity")
+            row |= {"split": eval_split, **accuracy(bundle, eval_split, other)}
         rows.append(row)
     return rows
+
+
+def accuracy(bundle: LoadedModel, split: str, backend: Backend | None) -> dict[str, Any]:
+    """macro_f1 and parity (None for the reference) of `backend` on the split; a multi-task folder's per task (under
+    "tasks"), with the tasks' mean macro-F1 and the worst task's parity."""
+    from service.modeling.task_view import TaskBackend, task_names, task_view
+    from service.training.evaluate import evaluate_model
+
+    if not bundle.folder.tasks:
+        report = evaluate_model(bundle, None, split, None, backend=backend)
+        return {"macro_f1": report["macro_f1"], "parity": report.get("parity")}
+    tasks = {}
+    for task in task_names(bundle):
+        other = None if backend is None else TaskBackend(backend, task)
+        report = evaluate_model(task_view(bundle, task), None, split, None, backend=other)
+        tasks[task] = {"macro_f1": report["macro_f1"], "parity": report.get("parity")}
+    parities = [t["parity"] for t in tasks.values()]
+    mean_f1 = round(float(np.mean([t["macro_f1"] for t in tasks.values()])), 4)
+    return {"macro_f1": mean_f1, "parity": None if backend is None else worst_parity(parities), "tasks": tasks}
+
+
+def worst_parity(parities: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tasks' parity figures as one: the largest difference, the lowest agreements (per layer too)."""
+    return {
+        "reference": parities[0]["reference"],
+        "max_abs_diff": max(p["max_abs_diff"] for p in parities),
+        "argmax_agreement": min(p["argmax_agreement"] for p in parities),
+        "routing_agreement": min(p["routing_agreement"] for p in parities),
+        "routing_agreement_per_layer": np.min([p["routing_agreement_per_layer"] for p in parities], 0).tolist(),
+        "texts": sum(p["texts"] for p in parities),
+    }
+
+
+def choice_texts(loaded: LoadedModel, split: str = "validation", per_source: int = 64) -> list[list[int]]:
+    """What `--choose` times: up to `per_source` texts of the split and their first lines (served traffic brings
+    both short and long texts); a multi-task folder's drawn from each task's data in turn."""
+    from service.modeling.task_view import task_names, task_view
+    from service.training.evaluate import headline, model_examples
+    from service.training.predict import encode_texts
+
+    views = [task_view(loaded, t) for t in task_names(loaded)] or [loaded]
+    raw: list[str] = []
+    for view in views:
+        examples, _ = model_examples(view.folder, None, split)
+        texts = [e.text for e in examples[: max(per_source // len(views), 1)]]
+        raw += texts + [headline(t) for t in texts]
+    return encode_texts(loaded.tokenizer, raw, loaded.folder.config.max_length)
 
 
 def passes(row: dict[str, Any], reference_f1: float) -> bool:

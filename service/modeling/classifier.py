@@ -254,6 +254,16 @@ class MoEClassifier(nn.Module):
         rows' packed tokens (a shared layer's routing of a text repeated in each of its rows), as `forward` on the
         repeated texts would give it."""
         self._token_tasks(row_task, len(row_task), attention_mask.index_select(0, row_text))  # checks the ids
+        h, rep, routing, token_task = self.encode_rows(input_ids, attention_mask, row_text, row_task)
+        logits = self._heads(self.pool(h, rep), row_task)
+        zero = logits.new_zeros(())
+        return ClassifierOutput(logits, zero, zero, routing, rep, token_task)
+
+    def encode_rows(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_text: torch.Tensor, row_task: torch.Tensor
+    ) -> tuple[torch.Tensor, PackedBatch, list[RouterOutput], torch.Tensor]:
+        """`forward_rows`' encoder, ids unchecked (no host-side reads, so the ONNX export traces it): the rows'
+        packed last hidden states, their packing, routing per MoE layer and each row token's task."""
         packed = PackedBatch.from_mask(attention_mask)
         h = self.embed(input_ids.reshape(-1).index_select(0, packed.flat_index), packed)
         routed = [b.task_routed for b in self.blocks]
@@ -277,9 +287,7 @@ class MoEClassifier(nn.Module):
                 routing.append(r)
         if self.norm is not None:
             h = self.norm(h)
-        logits = self._heads(self.pool(h, rep), row_task)
-        zero = logits.new_zeros(())
-        return ClassifierOutput(logits, zero, zero, routing, rep, token_task)
+        return h, rep, routing, token_task
 
     def _token_tasks(
         self, task_ids: torch.Tensor | None, batch: int, attention_mask: torch.Tensor

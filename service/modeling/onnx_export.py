@@ -2,7 +2,9 @@
 
 The graph takes padded `input_ids` and `attention_mask` [batch, seq] (both axes dynamic) and returns the logits
 [batch, labels] and, per MoE layer, the routing of the packed real tokens: `expert_ids_<i>` [tokens, k] and
-`gates_<i>` [tokens, k], so a served ONNX model reports routing like the torch one.
+`gates_<i>` [tokens, k], so a served ONNX model reports routing like the torch one. A multi-task model's graph also
+takes its (text, task) rows, `row_text` and `row_task` [rows] (MoEClassifier.forward_rows: the shared bottom layers
+run once per text), and returns logits [rows, labels] and the routing of the rows' packed tokens.
 
 Sparse routing stays in the graph: every MoE layer is exported through `MoEFeedForward.graph_forward`, a static
 loop over the E experts whose (token, slot) pairs are found by NonZero at run time. (Tracing the eager grouped path
@@ -11,7 +13,7 @@ Runtime's contrib `Attention` node (one fused CPU kernel for the QKV projection,
 measured on bbc-news-minilm-moe, 64 articles: 2.5 s of attention against 3.8 s as plain ops, one thread). The graph
 is then optimised offline by onnxruntime (constant folding, LayerNorm / GELU / MatMul+Add fusions) and, for int8,
 dynamically quantised: weights of every MatMul/Gemm stored as int8 and Attention made QAttention, activations
-quantised per batch at run time; the routers stay fp32.
+quantised per batch at run time; the routers (every task's) stay fp32.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from service.modeling.artifacts import load_model
@@ -89,36 +92,62 @@ class _GraphModel(nn.Module):
         return (logits, *[t for r in routing for t in (r.expert_ids, r.gates)])
 
 
+class _GraphRowsModel(_GraphModel):
+    """A multi-task classifier's graph: texts [B, L] and their (text, task) rows [R], as `forward_rows` takes them;
+    logits [R, C] (each task's head padded to the widest with -inf) and routing over the rows' packed tokens."""
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_text: torch.Tensor, row_task: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        h, rep, routing, _ = self.model.encode_rows(input_ids, attention_mask, row_text, row_task)
+        pooled = rep.unpack(h).sum(1) / rep.lengths.clamp(min=1).to(h.dtype)[:, None]  # as _GraphModel's
+        # Every head on every row, then each row's own: a few [R, d] x [d, C_t] products, but no data-dependent
+        # branch (forward_rows skips a task with no rows, which a traced graph would freeze).
+        width = self.model.config.num_labels
+        heads = [
+            F.pad(head(pooled), (0, width - head.out_features), value=float("-inf"))
+            for head in self.model.heads.values()
+        ]
+        every = torch.stack(heads, 1)  # [R, tasks, C]
+        logits = every.gather(1, row_task.view(-1, 1, 1).expand(-1, 1, width)).squeeze(1)
+        return (logits, *[t for r in routing for t in (r.expert_ids, r.gates)])
+
+
 def output_names(moe_layers: int) -> list[str]:
     return ["logits", *[f"{n}_{i}" for i in range(moe_layers) for n in ("expert_ids", "gates")]]
 
 
-def _example(model: MoEClassifier) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two texts of different lengths, so padding and packing are part of what is traced."""
+def _example(model: MoEClassifier) -> tuple[torch.Tensor, ...]:
+    """Two texts of different lengths, so padding and packing are part of what is traced; for a multi-task model,
+    the first asked for every task and the second for the last one (rows of one and of several tasks)."""
     n = min(model.config.max_length, 12)
-    return pad_batch([list(range(3, 3 + n)), list(range(5, 5 + max(n // 2, 1)))], model.config.pad_token_id)
+    texts = pad_batch([list(range(3, 3 + n)), list(range(5, 5 + max(n // 2, 1)))], model.config.pad_token_id)
+    if model.config.tasks is None:
+        return texts
+    tasks = len(model.config.tasks)
+    row_text = torch.tensor([0] * tasks + [1])
+    row_task = torch.tensor([*range(tasks), tasks - 1])
+    return (*texts, row_text, row_task)
 
 
-class MultiTaskExportError(ValueError):
-    """The ONNX graphs take no task ids yet: a multi-task folder is served by the torch backend."""
+ROW_INPUTS = ["row_text", "row_task"]  # a multi-task graph's inputs after input_ids and attention_mask
 
 
 def export_graph(model: MoEClassifier, path: Path) -> Path:
-    if model.config.tasks is not None:
-        raise MultiTaskExportError(
-            f"ONNX export does not support multi-task models yet (tasks: {', '.join(model.config.task_names)}): "
-            "serve this folder with the torch backend"
-        )
-    graph = _GraphModel(model)
+    multi = model.config.tasks is not None
+    graph = _GraphRowsModel(model) if multi else _GraphModel(model)
     names = output_names(len(model.moe_layers))
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    rows = "rows" if multi else "batch"  # logits: a row per (text, task), or per text
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: rows}}
     axes |= {n: {0: "tokens"} for n in names[1:]}
+    if multi:
+        axes |= {n: {0: "rows"} for n in ROW_INPUTS}
     with torch.no_grad():
         torch.onnx.export(
             graph,
             _example(model),
             str(path),
-            input_names=["input_ids", "attention_mask"],
+            input_names=["input_ids", "attention_mask", *(ROW_INPUTS if multi else [])],
             output_names=names,
             dynamic_axes=axes,
             opset_version=OPSET,

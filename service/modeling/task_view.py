@@ -1,6 +1,7 @@
 """One task of a multi-task model seen as a single-task model: every text asks for that task, the logits are that
 task's head's own columns, and the folder record carries that task's labels, temperature and data. Evaluation,
-calibration and reports then run on a task exactly as on a single-task folder, with no code of their own."""
+calibration and reports then run on a task exactly as on a single-task folder, with no code of their own; a
+backend (ONNX, bf16) of the folder is seen the same way by TaskBackend."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from service.backends.base import Backend, BatchOutput
 from service.modeling.artifacts import LoadedModel
 from service.modeling.classifier import ClassifierOutput, MoEClassifier
 
@@ -50,3 +52,26 @@ def task_view(loaded: LoadedModel, task: str) -> LoadedModel:
     training = {**folder.training, **(folder.training.get("tasks") or {}).get(task, {})}
     view = dataclasses.replace(folder, labels=info.labels, temperature=info.temperature, training=training, tasks=())
     return LoadedModel(view, TaskModel(loaded.model, names.index(task)), loaded.tokenizer)  # type: ignore[arg-type]
+
+
+class TaskBackend(Backend):
+    """A multi-task folder's backend asked for one task on every text, logits cut to that task's labels: the
+    backend twin of TaskModel (what evaluating another backend or precision per task runs)."""
+
+    def __init__(self, backend: Backend, task: str) -> None:
+        names = list(backend.info.tasks)
+        if task not in names:
+            raise ValueError(f"model {backend.info.name} has no task {task!r} (tasks: {', '.join(names) or 'none'})")
+        self.backend, self.task_id = backend, names.index(task)
+        labels = backend.info.tasks[task]
+        self.width = len(labels.labels)
+        self.info = dataclasses.replace(backend.info, labels=labels.labels, temperature=labels.temperature, tasks={})
+        self.kind, self.device, self.tokenizer = backend.kind, backend.device, backend.tokenizer
+
+    def forward(
+        self, sequences: list[list[int]], return_routing: bool = False, tasks: list[list[int]] | None = None
+    ) -> BatchOutput:
+        if tasks is not None:
+            raise ValueError("tasks given to a single-task view")
+        out = self.backend.forward(sequences, return_routing, [[self.task_id]] * len(sequences))
+        return dataclasses.replace(out, logits=out.logits[:, : self.width], task_expert_counts=None)

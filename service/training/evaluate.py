@@ -170,13 +170,27 @@ def evaluate_model(
     examples, dataset = model_examples(loaded.folder, data, split, text_column, label_column)
     report, preds, y = evaluate_examples(loaded, examples, split, dataset, backend, policy)
     if backend is not None:
-        reference, _ = predict_texts(loaded, [e.text for e in examples], policy=policy)
-        engine = {"backend": backend.kind, "precision": backend.info.precision}  # ("precision" is a metric here)
-        report = {"engine": engine, **report, "parity": parity(reference, preds)}
-        if "headline" in report:  # short texts are where a precision's rounding flips labels first
-            report["headline"]["parity"] = _headline_parity(loaded, examples, backend)
+        report = with_parity(report, loaded, examples, backend, preds, policy)
     if output_dir is not None:
         write_report(report, preds, y, loaded.folder.labels, Path(output_dir))
+    return report
+
+
+def with_parity(
+    report: dict[str, Any],
+    loaded: LoadedModel,
+    examples: list[Example],
+    backend: Backend,
+    preds: Predictions,
+    policy: LongTextPolicy | None = None,
+) -> dict[str, Any]:
+    """`backend`'s report on `examples` (its predictions `preds`) with the engine it names and its parity against
+    torch fp32, the loaded model itself, on the same texts (and on their headlines)."""
+    reference, _ = predict_texts(loaded, [e.text for e in examples], policy=policy)
+    engine = {"backend": backend.kind, "precision": backend.info.precision}  # ("precision" is a metric here)
+    report = {"engine": engine, **report, "parity": parity(reference, preds)}
+    if "headline" in report:  # short texts are where a precision's rounding flips labels first
+        report["headline"]["parity"] = _headline_parity(loaded, examples, backend)
     return report
 
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from service.backends.base import Backend
 from service.modeling.artifacts import LoadedModel
-from service.modeling.task_view import task_names, task_view
-from service.training.evaluate import evaluate_examples, model_examples, write_report
+from service.modeling.task_view import TaskBackend, task_names, task_view
+from service.training.evaluate import evaluate_examples, model_examples, with_parity, write_report
 from service.training.metrics import task_expert_shares, task_specialization
 
 HEADLINE_KEYS = ("examples", "accuracy", "macro_f1")
@@ -24,9 +25,11 @@ def evaluate_tasks(
     output_dir: str | Path | None,
     tasks: list[str] | None = None,
     data: str | None = None,
+    backend: Backend | None = None,
 ) -> dict[str, Any]:
     """Each task (all, or `tasks`) on its own data's `split` (or on `data`, for one task): its full report under
-    <output_dir>/<task>/, and the summary (eval.json) over the tasks."""
+    <output_dir>/<task>/, and the summary (eval.json) over the tasks. With `backend` (e.g. ONNX int8), each task's
+    report is that backend's, with its parity against torch fp32 as for a single-task folder."""
     chosen = tasks or task_names(loaded)
     if data is not None and len(chosen) != 1:
         raise ValueError("--data names one task's data: choose that task with --task")
@@ -34,7 +37,10 @@ def evaluate_tasks(
     for task in chosen:
         view = task_view(loaded, task)
         examples, dataset = model_examples(view.folder, data, split)
-        report, preds, y = evaluate_examples(view, examples, split, dataset)
+        other = None if backend is None else TaskBackend(backend, task)
+        report, preds, y = evaluate_examples(view, examples, split, dataset, other)
+        if other is not None:
+            report = with_parity(report, view, examples, other, preds)
         report["task"] = task
         if output_dir is not None:
             write_report(report, preds, y, view.folder.labels, Path(output_dir) / task)
@@ -55,6 +61,8 @@ def task_summary(
         tasks[t] = {k: r[k] for k in HEADLINE_KEYS if k in r}
         if "headline" in r:
             tasks[t]["headline"] = {k: r["headline"][k] for k in HEADLINE_KEYS if k in r["headline"]}
+        if "parity" in r:  # another backend or precision than torch fp32
+            tasks[t] |= {"engine": r["engine"], "parity": r["parity"]}
     shares = task_expert_shares(counts)
     return {
         "split": split,

@@ -175,13 +175,6 @@ def test_multi_task_folder_round_trip(tmp_path: Path) -> None:
         load_model(tmp_path / "m")
 
 
-def test_onnx_export_refuses_multi_task_models(tmp_path: Path) -> None:
-    from service.modeling.onnx_export import MultiTaskExportError, export_graph
-
-    with pytest.raises(MultiTaskExportError, match=r"does not support multi-task models yet .* torch backend"):
-        export_graph(_model(), tmp_path / "m.onnx")
-
-
 def test_task_mix_by_size_and_temperature() -> None:
     import random
 
@@ -263,3 +256,36 @@ def test_a_single_task_model_takes_no_tasks() -> None:
     model = MoEClassifier(ModelConfig(vocab_size=100, num_labels=3, max_length=64, d_model=32, n_heads=4, d_ff=48))
     with pytest.raises(ValueError, match="single-task"):
         run_model(model.eval(), _texts(2), 0, "cpu", False, [[0], [0]])
+
+
+def test_task_views_of_a_model_and_of_a_backend_answer_one_task() -> None:
+    """TaskModel runs as a one-task model (run_model takes it without task ids); TaskBackend asks a multi-task
+    backend for one task on every text: the same logits, cut to that task's labels, and that task's record."""
+    import numpy as np
+
+    from service.backends.base import Backend, BatchOutput, ModelInfo, TaskLabels
+    from service.backends.torch_backend import run_model
+    from service.modeling.task_view import TaskBackend, TaskModel
+
+    model = _model(n_layers=2)
+    tasks = {"topic": TaskLabels(["a", "b", "c"]), "mood": TaskLabels(["neg", "pos"], 0.5)}
+
+    class Rows(Backend):
+        kind, device, tokenizer = "torch", "cpu", None
+        info = ModelInfo("m", Path("m"), [], 64, 8, 2, 2, 2, {}, tasks=tasks)
+
+        def forward(self, sequences, return_routing=False, tasks=None) -> BatchOutput:  # type: ignore[no-untyped-def]
+            return run_model(model, sequences, 0, "cpu", return_routing, tasks)
+
+    seqs = _texts(5)
+    view = TaskBackend(Rows(), "mood")
+    got = view.forward(seqs, return_routing=True)
+    alone = run_model(TaskModel(model, 1), seqs, 0, "cpu", True)
+    asked = run_model(model, seqs, 0, "cpu", True, [[1]] * 5)
+    assert got.logits.shape == alone.logits.shape == (5, 2) and alone.task_expert_counts is None
+    np.testing.assert_allclose(got.logits, asked.logits[:, :2], atol=TOL, rtol=0)
+    np.testing.assert_allclose(alone.logits, asked.logits[:, :2], atol=TOL, rtol=0)
+    np.testing.assert_array_equal(got.expert_counts, alone.expert_counts)
+    assert (view.info.labels, view.info.temperature, view.info.tasks) == (["neg", "pos"], 0.5, {})
+    with pytest.raises(ValueError, match="no task 'spam'"):
+        TaskBackend(Rows(), "spam")
