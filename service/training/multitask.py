@@ -23,8 +23,9 @@ from service.modeling.classifier import ClassifierOutput, MoEClassifier
 from service.modeling.task_view import TaskModel, task_view
 from service.training.calibration import fit_temperature
 from service.training.data import Example, cap_examples
-from service.training.evaluate import evaluate_examples, write_report
-from service.training.predict import encode_texts, model_forward, predict
+from service.training.evaluate import evaluate_examples, write_report, write_routing_profile
+from service.training.metrics import routing_profile
+from service.training.predict import Predictions, encode_texts, model_forward, predict
 from service.training.recipe import DataRecipe, Recipe
 from service.training.task_data import TaskDatasets, TaskSource, load_task_file, load_tasks
 from service.training.task_eval import task_summary, write_summary
@@ -261,6 +262,21 @@ def task_meta(recipe: Recipe, data: TaskDatasets, splits: Splits, run: dict[str,
     }
 
 
+def task_routing_profile(preds: dict[str, Predictions], split: str, datasets: dict[str, str]) -> dict[str, Any]:
+    """A multi-task folder's routing_profile.json: the single-task format over every task's tokens (the model-wide
+    drift reference), and under "tasks" each task's own profile, the reference its live routing is compared with."""
+    merged = Predictions(
+        logits=np.concatenate([p.logits[:, :1] for p in preds.values()]),
+        probs=np.concatenate([p.probs[:, :1] for p in preds.values()]),
+        expert_counts=[np.concatenate(layer) for layer in zip(*(p.expert_counts for p in preds.values()), strict=True)],
+        num_tokens=np.concatenate([p.num_tokens for p in preds.values()]),
+        experts=[],
+    )
+    profile = routing_profile(merged, split, ", ".join(dict.fromkeys(datasets.values())))
+    profile["tasks"] = {t: routing_profile(p, split, datasets[t]) for t, p in preds.items()}
+    return profile
+
+
 def write_task_folder(
     out: Path,
     recipe: Recipe,
@@ -274,14 +290,16 @@ def write_task_folder(
     log), each task's test report and plots under eval/<task>/, and eval.json: every task's headline figures, the
     share of each task's tokens each expert takes per layer, and how much the experts specialise by task."""
     model, tok = run.model, run.tokenizer
-    temperatures = {}
+    temperatures, validation = {}, {}
     for t, task in enumerate(run.tasks):
         examples = splits[task]["validation"]
         ids = encode_texts(tok, [e.text for e in examples], model.config.max_length)
-        logits = predict(model_forward(TaskModel(model, t), tok.pad_id), ids).logits
+        validation[task] = predict(model_forward(TaskModel(model, t), tok.pad_id), ids)
         label2id = {lab: i for i, lab in enumerate(labels[task])}
-        temperatures[task] = fit_temperature(logits, np.array([label2id[e.label] for e in examples]))
+        temperatures[task] = fit_temperature(validation[task].logits, np.array([label2id[e.label] for e in examples]))
     loaded = save_checked(out, model, tok, labels, meta, temperatures, recipe.training.weights_dtype)
+    datasets = {task: meta["tasks"][task]["dataset"] for task in run.tasks}
+    write_routing_profile(task_routing_profile(validation, "validation", datasets), out)
     dumped = recipe.model_dump(mode="json", exclude={"model"} if recipe.base else None)
     (out / "recipe.json").write_text(json.dumps(dumped, indent=2) + "\n")
     (out / "training_log.json").write_text(json.dumps(history, indent=2) + "\n")
