@@ -27,6 +27,7 @@ class ErrorKind(str, Enum):
     INTERNAL = "internal"
     MODEL_CONTROL_OFF = "model_control_off"
     NOT_SUPPORTED = "not_supported"
+    TASK_NOT_FOUND = "task_not_found"
 
 
 STATUS: dict[ErrorKind, int] = {
@@ -46,6 +47,7 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.INTERNAL: 500,
     ErrorKind.MODEL_CONTROL_OFF: 409,  # load/unload asked of a server started without MOE_MODEL_CONTROL=explicit
     ErrorKind.NOT_SUPPORTED: 501,  # repository control in single-process mode (MOE_MODEL_PROCESS=false)
+    ErrorKind.TASK_NOT_FOUND: 404,  # a task (or a task's v2 output) the model does not have, as for a model
 }
 
 # The same kinds over gRPC (service/api/grpc_v2): names of grpc.StatusCode members, so this table imports no grpc.
@@ -65,6 +67,7 @@ GRPC_STATUS: dict[ErrorKind, str] = {
     ErrorKind.SHUTTING_DOWN: "UNAVAILABLE",
     ErrorKind.MODEL_CONTROL_OFF: "FAILED_PRECONDITION",
     ErrorKind.NOT_SUPPORTED: "UNIMPLEMENTED",
+    ErrorKind.TASK_NOT_FOUND: "NOT_FOUND",
     ErrorKind.INTERNAL: "INTERNAL",
 }
 

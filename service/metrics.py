@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,40 +29,45 @@ RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
 class _RoutingCollector(Collector):
-    def __init__(self, sources: Callable[[], Iterable[tuple[str, RoutingStats]]]) -> None:
-        self.sources = sources
+    """Model-wide series {model, layer}; with `per_task`, each task's of a multi-task model {model, task, layer},
+    in families of their own (moe_task_*) so a model's series and sums over them (dashboards, alerts) are unchanged."""
+
+    def __init__(self, sources: Callable[[], Iterable[tuple[Any, ...]]], per_task: bool = False) -> None:
+        self.sources = sources  # (model, stats), or with per_task (model, task, stats)
+        self.per_task = per_task
 
     def collect(self) -> Iterable[Metric]:
+        p, who = ("moe_task_", ["model", "task"]) if self.per_task else ("moe_", ["model"])
         tokens = CounterMetricFamily(
-            "moe_expert_tokens",
+            f"{p}expert_tokens",
             "Token assignments routed to each expert (a token counts once per chosen expert).",
-            labels=["model", "layer", "expert"],
+            labels=[*who, "layer", "expert"],
         )
         imbalance = GaugeMetricFamily(
-            "moe_expert_imbalance_ratio",
+            f"{p}expert_imbalance_ratio",
             "Busiest expert's share over the mean share, recent window (1 = even).",
-            labels=["model", "layer"],
+            labels=[*who, "layer"],
         )
         cv = GaugeMetricFamily(
-            "moe_expert_load_cv", "Coefficient of variation of expert load, recent window.", labels=["model", "layer"]
+            f"{p}expert_load_cv", "Coefficient of variation of expert load, recent window.", labels=[*who, "layer"]
         )
         entropy = GaugeMetricFamily(
-            "moe_router_entropy_ratio",
+            f"{p}router_entropy_ratio",
             "Entropy of expert shares over its maximum log(E), recent window (1 = even).",
-            labels=["model", "layer"],
+            labels=[*who, "layer"],
         )
         drift = GaugeMetricFamily(
-            "moe_routing_drift_kl",
+            f"{p}routing_drift_kl",
             "KL divergence of live expert shares (recent window) from the training profile.",
-            labels=["model", "layer"],
+            labels=[*who, "layer"],
         )
-        for model, stats in self.sources():
+        for *names, stats in self.sources():
             snap = stats.snapshot()
             for layer in snap["since_start"]["layers"]:
                 for e, n in enumerate(layer["tokens_per_expert"]):
-                    tokens.add_metric([model, str(layer["layer"]), str(e)], n)
+                    tokens.add_metric([*names, str(layer["layer"]), str(e)], n)
             for layer in snap["window"]["layers"]:
-                labels = [model, str(layer["layer"])]
+                labels = [*names, str(layer["layer"])]
                 if layer["assignments"]:
                     imbalance.add_metric(labels, layer["imbalance_max_over_mean"])
                     cv.add_metric(labels, layer["cv"])
@@ -233,6 +238,10 @@ class Metrics:
 
     def watch_routing(self, sources: Callable[[], Iterable[tuple[str, RoutingStats]]]) -> None:
         self.registry.register(_RoutingCollector(sources))
+
+    def watch_task_routing(self, sources: Callable[[], Iterable[tuple[str, str, RoutingStats]]]) -> None:
+        """Multi-task models: each task's routing, (model, task, stats), as the moe_task_* families."""
+        self.registry.register(_RoutingCollector(sources, per_task=True))
 
     def watch_models(self, readiness: Callable[[], Iterable[tuple[str, bool]]]) -> None:
         """moe_model_ready{model} at scrape time, from whoever knows every model's fate: the API process (a model

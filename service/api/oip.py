@@ -14,8 +14,10 @@ from pydantic import ValidationError
 from service import __version__
 from service.api.schemas import InferRequest
 from service.api.v1 import validate_texts
+from service.backends.base import ModelInfo
 from service.engine.handle import EngineHandle, ModelHandle
 from service.engine.results import ClassifyResult
+from service.engine.tasks import task_labels
 from service.errors import ErrorKind, ServiceError
 from service.modeling.probabilities import softmax
 from service.modeling.windows import LONG_TEXT_MODES, LongText
@@ -86,44 +88,79 @@ def request_texts(req: InferRequest, max_texts: int) -> list[str]:
     return validate_texts(data, max_texts, field="inputs[0].data")
 
 
-def wanted_outputs(req: InferRequest) -> list[str]:
-    """The outputs the request names, in its order (all of them when it names none)."""
-    if not req.outputs:
+def model_outputs(info: ModelInfo) -> list[str]:
+    """`label`, `probabilities`; a multi-task model has that pair per task: `<task>_label`, `<task>_probabilities`."""
+    if not info.tasks:
         return list(OUTPUTS)
-    unknown = [o.name for o in req.outputs if o.name not in OUTPUTS]
+    return [f"{task}_{o}" for task in info.tasks for o in OUTPUTS]
+
+
+def wanted_outputs(req: InferRequest, info: ModelInfo) -> list[str]:
+    """The outputs the request names, in its order (all of them when it names none). An output the model does not
+    have is not found (404, as an unknown task in /v1)."""
+    available = model_outputs(info)
+    if not req.outputs:
+        return available
+    unknown = [o.name for o in req.outputs if o.name not in available]
     if unknown:
-        raise bad(f"unknown output(s) {unknown}; available: {list(OUTPUTS)}", "outputs")
+        raise ServiceError(
+            ErrorKind.TASK_NOT_FOUND, f"unknown output(s) {unknown}; available: {available}", field="outputs"
+        )
     return [o.name for o in req.outputs]
+
+
+def output_tasks(info: ModelInfo, wanted: list[str]) -> list[int] | None:
+    """The task ids a multi-task request runs: those its outputs name, in the order first named (None: single-task)."""
+    if not info.tasks:
+        return None
+    names = list(info.tasks)
+    order = [names.index(w.rsplit("_", 1)[0]) for w in wanted]
+    return list(dict.fromkeys(order))
+
+
+def _pair(labels: list[str], logits: np.ndarray, prefix: str) -> dict[str, tuple[str, list[int], np.ndarray]]:
+    probs = softmax(logits.astype(np.float64)).astype(np.float32)
+    n = len(logits)
+    return {
+        f"{prefix}label": ("BYTES", [n], np.array([labels[i] for i in probs.argmax(1)], dtype=object)),
+        f"{prefix}probabilities": ("FP32", [n, len(labels)], probs.reshape(-1)),
+    }
 
 
 def output_tensors(model: ModelHandle, result: ClassifyResult) -> dict[str, tuple[str, list[int], np.ndarray]]:
     """name -> (datatype, shape, elements in row-major order): `label` (BYTES, [n]) and `probabilities` (FP32,
-    [n, labels], label order as in the metadata's `parameters.labels`)."""
-    probs = softmax(np.stack([r.logits for r in result.results]).astype(np.float64)).astype(np.float32)
-    labels = model.info.labels
-    n = len(result.results)
-    return {
-        "label": ("BYTES", [n], np.array([labels[i] for i in probs.argmax(1)], dtype=object)),
-        "probabilities": ("FP32", [n, len(labels)], probs.reshape(-1)),
-    }
+    [n, labels], label order as in the metadata's `parameters.labels`); multi-task, that pair for each task run,
+    named `<task>_...` (its labels in the metadata's `parameters.tasks`)."""
+    if result.tasks is None:
+        return _pair(model.info.labels, np.stack([r.logits for r in result.results]), "")
+    out = {}
+    for j, t in enumerate(result.tasks):
+        labels = task_labels(model.info, t)
+        logits = np.stack([r.logits[j, : len(labels)] for r in result.results])
+        out |= _pair(labels, logits, f"{list(model.info.tasks)[t]}_")
+    return out
 
 
 def model_metadata(model: ModelHandle) -> dict[str, Any]:
-    n = len(model.info.labels)
+    info = model.info
+    outputs = []
+    for name in model_outputs(info):
+        task = name.rsplit("_", 1)[0] if info.tasks else None
+        n = len(info.tasks[task].labels) if task else len(info.labels)
+        is_label = name.endswith("label")
+        outputs.append(
+            {"name": name, "datatype": "BYTES" if is_label else "FP32", "shape": [-1] if is_label else [-1, n]}
+        )
+    parameters: dict[str, Any] = {"labels": info.labels, "max_length": info.max_length, "temperature": info.temperature}
+    if info.tasks:
+        parameters["tasks"] = {t: {"labels": v.labels, "temperature": v.temperature} for t, v in info.tasks.items()}
     return {
         "name": model.name,
         "versions": ["1"],
         "platform": f"moe-serve_{model.kind}",
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
-        ],
-        "parameters": {
-            "labels": model.info.labels,
-            "max_length": model.info.max_length,
-            "temperature": model.info.temperature,
-        },
+        "outputs": outputs,
+        "parameters": parameters,
     }
 
 

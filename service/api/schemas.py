@@ -28,6 +28,9 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
 
 
+TaskList = Annotated[list[StrictStr], Field(min_length=1, json_schema_extra={"uniqueItems": True})]
+
+
 class ClassifyRequest(BaseModel):
     model: StrictStr | None = Field(None, description="model name; default: the server's default model")
     inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(..., description="one text or a list of texts")
@@ -49,6 +52,11 @@ class ClassifyRequest(BaseModel):
     )
     return_routing: StrictBool = Field(False, description="return the experts each token was routed to")
     timeout_ms: PositiveWhole | None = Field(None, description="deadline for this request (capped by the server)")
+    task: StrictStr | TaskList | None = Field(
+        None,
+        description="multi-task models: the task, or tasks, to run on every text (default: every task); a "
+        "single-task model takes none",
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -80,6 +88,8 @@ class RoutingOut(BaseModel):
 
 
 class Prediction(BaseModel):
+    task: str | None = Field(None, description="multi-task models: the task this prediction is for")
+    text: int | None = Field(None, description="multi-task models: the index of the text in inputs")
     label: str
     score: float
     scores: list[LabelScore] = Field(description="labels with scores, best first")
@@ -114,8 +124,12 @@ class InferTensor(BaseModel):
     data: Annotated[list[Text | TextRow], Field(min_length=1)] | None = None  # flat for [n], one per row for [n, 1]
 
 
+# `label` and `probabilities`; a multi-task model's outputs are `<task>_label` and `<task>_probabilities`.
+OutputName = Annotated[StrictStr, Field(pattern=r"^(label|probabilities|[A-Za-z0-9][\w.-]*_(label|probabilities))$")]
+
+
 class InferRequestedOutput(BaseModel):
-    name: Literal["label", "probabilities"]
+    name: OutputName
     parameters: dict[str, Any] | None = None
 
 
@@ -127,7 +141,7 @@ class InferRequest(BaseModel):
 
 
 class InferOutputTensor(BaseModel):
-    name: Literal["label", "probabilities"]
+    name: OutputName
     shape: list[int]
     datatype: Literal["BYTES", "FP32"]
     data: list[Any]

@@ -11,9 +11,11 @@ from starlette.types import Receive
 
 from service.api.common import JSON, timing_headers, unless_disconnected
 from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody, ExpertsResponse
+from service.backends.base import LayerRouting, ModelInfo
 from service.config import Settings
 from service.engine.handle import EngineHandle, ModelHandle
-from service.engine.results import TextResult
+from service.engine.results import ClassifyResult, TextResult
+from service.engine.tasks import select_tasks, task_labels, task_name
 from service.errors import ErrorKind, ServiceError
 from service.modeling.probabilities import softmax
 
@@ -47,10 +49,10 @@ def validate_texts(inputs: str | list[str], max_texts: int, field: str = "inputs
     return texts
 
 
-def _routing(worker: ModelHandle, r: TextResult) -> dict[str, Any]:
+def _routing(worker: ModelHandle, r: TextResult, routing: list[LayerRouting]) -> dict[str, Any]:
     e = worker.info.num_experts
     layers = []
-    for i, lay in enumerate(r.routing or []):
+    for i, lay in enumerate(routing):
         counts = np.bincount(lay.expert_ids.reshape(-1), minlength=e)
         share = counts / max(counts.sum(), 1)
         top = np.argsort(-share, kind="stable")[:TOP_EXPERTS]
@@ -65,9 +67,20 @@ def _routing(worker: ModelHandle, r: TextResult) -> dict[str, Any]:
     return {"tokens": r.tokens or [], "window_tokens": r.window_tokens or [len(r.tokens or [])], "layers": layers}
 
 
-def prediction(worker: ModelHandle, r: TextResult, top_k: int | None, raw: bool) -> dict[str, Any]:
-    labels = worker.info.labels
-    scores = r.logits if raw else softmax(r.logits.astype(np.float64))
+def prediction(
+    worker: ModelHandle,
+    r: TextResult,
+    top_k: int | None,
+    raw: bool,
+    task_id: int | None = None,
+    row: int = 0,
+    rows: int = 1,
+) -> dict[str, Any]:
+    """One text's prediction; for a multi-task model its prediction for task `task_id`, which is row `row` of the
+    text's `rows` (the tasks asked, in order): that task's labels, logits and routing."""
+    labels = task_labels(worker.info, task_id)
+    logits = r.logits if task_id is None else r.logits[row, : len(labels)]
+    scores = logits if raw else softmax(logits.astype(np.float64))
     order = np.argsort(-scores, kind="stable")[: top_k or len(labels)]
     out: dict[str, Any] = {
         "label": labels[order[0]],
@@ -78,7 +91,26 @@ def prediction(worker: ModelHandle, r: TextResult, top_k: int | None, raw: bool)
         "truncated": r.truncated,
     }
     if r.routing is not None:
-        out["routing"] = _routing(worker, r)
+        part = r.routing if task_id is None else [task_run(lay, row, rows) for lay in r.routing]
+        out["routing"] = _routing(worker, r, part)
+    return out
+
+
+def task_run(layer: LayerRouting, j: int, rows: int) -> LayerRouting:
+    """The j-th of a multi-task text's `rows` runs of routing (service/engine/local_model.py task_major)."""
+    return LayerRouting(np.array_split(layer.expert_ids, rows)[j], np.array_split(layer.gates, rows)[j])
+
+
+def predictions(worker: ModelHandle, result: ClassifyResult, top_k: int | None, raw: bool) -> list[dict[str, Any]]:
+    """Single-task: one prediction per text. Multi-task: text after text, each text's tasks in the order asked,
+    each prediction naming its `task` and its `text` (index in inputs)."""
+    if result.tasks is None:
+        return [prediction(worker, r, top_k, raw) for r in result.results]
+    out = []
+    for i, r in enumerate(result.results):
+        for j, t in enumerate(result.tasks):
+            p = prediction(worker, r, top_k, raw, t, j, len(result.tasks))
+            out.append({"task": task_name(worker.info, t), "text": i, **p})
     return out
 
 
@@ -99,6 +131,7 @@ async def answer_classify(
     worker = engine.get(body.model)
     state["model"] = worker.name
     texts = validate_texts(body.inputs, max_texts)
+    tasks = select_tasks(worker.info, body.task)
     timeout = body.timeout_ms / 1000 if body.timeout_ms else None
     work = worker.classify(
         texts,
@@ -106,9 +139,10 @@ async def answer_classify(
         long_text=body.long_text,
         return_routing=body.return_routing,
         timeout_s=timeout,
+        tasks=tasks,
     )
     result = await unless_disconnected(receive, work)
-    preds = [prediction(worker, r, body.top_k, body.raw_scores) for r in result.results]
+    preds = predictions(worker, result, body.top_k, body.raw_scores)
     return JSON({"model": worker.name, "predictions": preds}, headers=timing_headers(result, time.perf_counter() - t0))
 
 
@@ -125,8 +159,18 @@ async def model_card(worker: ModelHandle) -> dict[str, Any]:
         "device": worker.device,
         "base": info.training.get("base"),  # the pretrained encoder it was converted from, if any
         "eval": worker.evaluation,  # read once when the model was loaded
+        "tasks": task_cards(info, worker.evaluation),  # multi-task models; {} for a single-task one
         "status": "ready" if worker.ready else "loading",
         "queue_texts": await worker.queued(),
+    }
+
+
+def task_cards(info: ModelInfo, evaluation: dict | None) -> dict[str, Any]:
+    """Each task of a multi-task model: its labels, temperature and evaluation (eval.json's figures for it)."""
+    per_task = (evaluation or {}).get("tasks") or {}
+    return {
+        name: {"labels": t.labels, "temperature": t.temperature, "eval": per_task.get(name)}
+        for name, t in info.tasks.items()
     }
 
 

@@ -22,6 +22,7 @@ from service.api.oip import (
     decode_bytes_tensor,
     infer_request,
     long_text_option,
+    output_tasks,
     output_tensors,
     request_texts,
     server_ready,
@@ -196,8 +197,9 @@ async def infer(model: str, request: Request) -> JSON:
     request.state.model = worker.name
     req = await _parse(request)
     texts = request_texts(req, settings_of(request).max_client_batch_size)
-    wanted = wanted_outputs(req)
-    work = worker.classify(texts, long_text=long_text_option(req.parameters))
+    wanted = wanted_outputs(req, worker.info)
+    tasks = output_tasks(worker.info, wanted)
+    work = worker.classify(texts, long_text=long_text_option(req.parameters), tasks=tasks)
     result = await unless_disconnected(request.receive, work)
     tensors = {
         name: {"name": name, "datatype": dtype, "shape": shape, "data": data.tolist()}

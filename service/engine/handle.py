@@ -39,6 +39,7 @@ class ModelHandle(Protocol):
         long_text: LongText | None = None,  # None: the server's setting
         return_routing: bool = False,
         timeout_s: float | None = None,
+        tasks: list[int] | None = None,  # multi-task: the task ids to run (service/engine/tasks.py); None: all
     ) -> ClassifyResult: ...
 
     async def queued(self) -> int: ...  # texts waiting in the model's queue

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.backends.base import LayerRouting, ModelInfo
+from service.backends.base import LayerRouting, ModelInfo, TaskLabels
 from service.engine.results import ClassifyResult, TextResult
 from service.errors import ErrorKind, ServiceError
 
@@ -50,6 +50,7 @@ def result_reply(request_id: int, result: ClassifyResult, texts_per_s: float) ->
         "truncated": [r.truncated for r in rs],
         "windows": [r.windows for r in rs],
         "times": [result.tokenization_s, result.queue_s, result.inference_s],
+        "tasks": result.tasks,  # multi-task: each text's logits are a row per task, in this order
     }
     if rs[0].routing is not None:  # asked for: a rare, debugging path, so plain JSON lists are good enough
         header["tokens"] = [r.tokens for r in rs]
@@ -60,7 +61,11 @@ def result_reply(request_id: int, result: ClassifyResult, texts_per_s: float) ->
 
 
 def result_from(header: dict[str, Any], buffers: list[bytes], num_labels: int) -> ClassifyResult:
+    """num_labels: the width of a logits row (service/engine/tasks.py label_width)."""
+    tasks = header.get("tasks")
     logits = np.frombuffer(buffers[0], dtype=np.float32).reshape(-1, num_labels)
+    if tasks:
+        logits = logits.reshape(-1, len(tasks), num_labels)
     routing = header.get("routing")
     tokens = header.get("tokens")
     results = []
@@ -72,7 +77,7 @@ def result_from(header: dict[str, Any], buffers: list[bytes], num_labels: int) -
             r.window_tokens = header["window_tokens"][i]
         results.append(r)
     tok_s, queue_s, infer_s = header["times"]
-    return ClassifyResult(results, tok_s, queue_s, infer_s)
+    return ClassifyResult(results, tok_s, queue_s, infer_s, tasks)
 
 
 def info_to_dict(info: ModelInfo) -> dict[str, Any]:
@@ -80,4 +85,5 @@ def info_to_dict(info: ModelInfo) -> dict[str, Any]:
 
 
 def info_from_dict(d: dict[str, Any]) -> ModelInfo:
-    return ModelInfo(**{**d, "path": Path(d["path"])})
+    tasks = {name: TaskLabels(**t) for name, t in d.get("tasks", {}).items()}
+    return ModelInfo(**{**d, "path": Path(d["path"]), "tasks": tasks})

@@ -65,6 +65,7 @@ class LocalEngine:
         # Tokenization runs here, off the event loop; HF tokenizers releases the GIL while it works.
         self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         metrics.watch_routing(lambda: [(n, w.stats) for n, w in self.models.items()])
+        metrics.watch_task_routing(lambda: [(n, t, s) for n, w in self.models.items() for t, s in w.task_stats.items()])
 
     def load(self) -> None:
         """Load and warm every model folder. A folder that fails (missing or corrupt weights, bad config, missing
@@ -178,4 +179,7 @@ def eval_summary(rep: dict | None) -> dict | None:
     summary = {k: rep.get(k) for k in ("dataset", "split", "examples", "accuracy", "macro_f1", "roc_auc")}
     summary["headline_macro_f1"] = (rep.get("headline") or {}).get("macro_f1")
     summary["ece"] = (rep.get("calibration") or {}).get("ece")
+    if "tasks" in rep:  # a multi-task folder's eval.json: each task's headline figures (service/training/task_eval.py)
+        summary["tasks"] = rep["tasks"]
+        summary["mean_macro_f1"] = rep.get("mean_macro_f1")
     return summary

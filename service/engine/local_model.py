@@ -63,7 +63,12 @@ class LocalModel:
         self.m = metrics.for_model(self.name)
         metrics.queue_capacity.labels(self.name).set(settings.max_queue_texts)
         self.stats = RoutingStats(self.info.moe_layers, self.info.num_experts, settings.routing_window_s, profile)
-        self.runner = BatchRunner(backend, self.stats, self.m)
+        # Multi-task: each task's routing too, against its own part of the profile (routing_profile.json "tasks").
+        self.task_stats = {
+            task: RoutingStats(self.info.moe_layers, self.info.num_experts, settings.routing_window_s, part)
+            for task, part in task_profiles(profile, list(self.info.tasks)).items()
+        }
+        self.runner = BatchRunner(backend, self.stats, self.m, list(self.task_stats.values()))
         self.queue = RequestQueue(
             self.name,
             settings.max_queue_texts,
@@ -117,7 +122,7 @@ class LocalModel:
         return len(self.queue)
 
     async def routing(self) -> dict:
-        return self.stats.snapshot()
+        return routing_snapshot(self.stats, self.task_stats)
 
     async def classify(
         self,
@@ -127,6 +132,7 @@ class LocalModel:
         long_text: LongText | None = None,
         return_routing: bool = False,
         timeout_s: float | None = None,
+        tasks: list[int] | None = None,
     ) -> ClassifyResult:
         loop = asyncio.get_running_loop()
         deadline = self._deadline(timeout_s)
@@ -137,7 +143,7 @@ class LocalModel:
         else:
             encoded = await loop.run_in_executor(self.tokenize_pool, self._encode, texts, policy, truncate)
         future = loop.create_future()
-        req = self._enqueue(encoded, deadline, return_routing, future_finish(loop, future))
+        req = self._enqueue(encoded, deadline, return_routing, future_finish(loop, future), tasks)
         try:
             done, _ = await asyncio.wait({future}, timeout=max(0.0, deadline[0] - time.monotonic()))
         except asyncio.CancelledError:
@@ -159,6 +165,7 @@ class LocalModel:
         return_routing: bool,
         timeout_s: float | None,
         finish: Callable[[ClassifyResult | ServiceError], None],
+        tasks: list[int] | None = None,
     ) -> PendingRequest:
         """classify() for a caller that runs the batches itself in the same thread (the model process): admits the
         texts and returns; `finish` gets the ClassifyResult or the ServiceError later, from run_batch(). Refusals
@@ -166,7 +173,7 @@ class LocalModel:
         deadline = self._deadline(timeout_s)
         self.queue.check_room(len(texts))
         encoded = self._encode(texts, request_policy(self.long_text, long_text, truncate), truncate)
-        return self._enqueue(encoded, deadline, return_routing, finish)  # type: ignore[arg-type]
+        return self._enqueue(encoded, deadline, return_routing, finish, tasks)  # type: ignore[arg-type]
 
     # -- the steps of a request --------------------------------------------------------------------------------
     def _deadline(self, timeout_s: float | None) -> Deadline:
@@ -183,8 +190,14 @@ class LocalModel:
                     raise too_long(self.name, self.info.max_length, i, enc, policy)
         return encoded, took
 
-    def _enqueue(self, encoded: Encoding, deadline: Deadline, return_routing: bool, finish: Finish) -> PendingRequest:
+    def _enqueue(
+        self, encoded: Encoding, deadline: Deadline, return_routing: bool, finish: Finish, tasks: list[int] | None
+    ) -> PendingRequest:
         texts, tokenization_s = encoded
+        if self.info.tasks:  # checked at the edge (service/engine/tasks.py); none named: every task
+            tasks = list(range(len(self.info.tasks))) if tasks is None else tasks
+        elif tasks is not None:
+            raise ServiceError(ErrorKind.TASK_NOT_FOUND, f"model {self.name!r} is a single-task model", field="task")
         now = time.monotonic()
         if now >= deadline[0]:
             raise deadline_exceeded(self.name, deadline[1])
@@ -197,7 +210,7 @@ class LocalModel:
 
         # Every window is a work item of its own: the queue's bound, its token count and its batches count windows.
         items = [(w, enc.truncated) for enc in texts for w in enc.windows]
-        req = PendingRequest(done, len(items), deadline[0], return_routing, own_ms=deadline[1])
+        req = PendingRequest(done, len(items), deadline[0], return_routing, own_ms=deadline[1], tasks=tasks)
         self.queue.admit([WorkItem(req, i, ids, cut, now) for i, (ids, cut) in enumerate(items)])
         return req
 
@@ -208,7 +221,7 @@ class LocalModel:
         vocab = self.backend.tokenizer.tokenizer if req.return_routing else None
         texts, at = [], 0
         for enc in encoded:
-            texts.append(join_windows(results[at : at + len(enc.windows)], enc, vocab))
+            texts.append(join_windows(results[at : at + len(enc.windows)], enc, vocab, len(req.tasks or [None])))
             at += len(enc.windows)
         # Counted here, once per text, for every API that classifies (/v1 and /v2 alike).
         self.m.texts.inc(len(texts))
@@ -217,7 +230,7 @@ class LocalModel:
         truncated = sum(enc.truncated for enc in encoded)
         if truncated:
             self.m.truncated.inc(truncated)
-        return ClassifyResult(texts, tokenization_s, req.queue_s, req.inference_s)
+        return ClassifyResult(texts, tokenization_s, req.queue_s, req.inference_s, req.tasks)
 
 
 def too_long(model: str, max_len: int, i: int, enc: Windowed, policy: LongTextPolicy) -> ServiceError:
@@ -232,9 +245,10 @@ def too_long(model: str, max_len: int, i: int, enc: Windowed, policy: LongTextPo
     return ServiceError(ErrorKind.INPUT_TOO_LONG, f"inputs[{i}] has {n} tokens, {how}", field=f"inputs[{i}]")
 
 
-def join_windows(parts: list[TextResult], enc: Windowed, vocab: Any | None) -> TextResult:
-    """A text's one result from its windows' (in order): pooled logits, every window's tokens; with `vocab` (the
-    request asked for routing), the token strings and the routing of every window, window after window."""
+def join_windows(parts: list[TextResult], enc: Windowed, vocab: Any | None, rows: int = 1) -> TextResult:
+    """A text's one result from its windows' (in order): pooled logits (per task), every window's tokens; with
+    `vocab` (the request asked for routing), the token strings and the routing of every window, window after window
+    (multi-task, `rows` tasks: task after task, each with every window's tokens)."""
     lengths = [len(w) for w in enc.windows]
     logits = pool_logits(np.stack([p.logits for p in parts]), lengths)
     r = TextResult(logits, sum(lengths), enc.truncated, windows=len(parts))
@@ -242,8 +256,29 @@ def join_windows(parts: list[TextResult], enc: Windowed, vocab: Any | None) -> T
         r.tokens = [vocab.id_to_token(t) or "" for w in enc.windows for t in w]
         r.window_tokens = lengths
         joined = zip(*(p.routing or [] for p in parts), strict=True)  # per layer: that layer of every window
-        r.routing = [
-            LayerRouting(np.concatenate([w.expert_ids for w in layer]), np.concatenate([w.gates for w in layer]))
-            for layer in joined
-        ]
+        r.routing = [task_major(layer, rows) for layer in joined]
     return r
+
+
+def task_major(windows: tuple[LayerRouting, ...], rows: int) -> LayerRouting:
+    """One layer's routing of a text from its windows' (each `rows` runs of its tokens, one per task): task after
+    task, each task's run over every window."""
+    runs = [(np.array_split(w.expert_ids, rows), np.array_split(w.gates, rows)) for w in windows]
+    ids = [run[0][t] for t in range(rows) for run in runs]
+    gates = [run[1][t] for t in range(rows) for run in runs]
+    return LayerRouting(np.concatenate(ids), np.concatenate(gates))
+
+
+def task_profiles(profile: dict | None, tasks: list[str]) -> dict[str, dict | None]:
+    """Each task's routing profile (routing_profile.json "tasks"; None for a task it lacks), for a multi-task model;
+    empty for a single-task one."""
+    per_task = (profile or {}).get("tasks") or {}
+    return {t: per_task.get(t) for t in tasks}
+
+
+def routing_snapshot(stats: RoutingStats, task_stats: dict[str, RoutingStats]) -> dict:
+    """/v1/models/{m}/routing: every token's statistics, and for a multi-task model each task's."""
+    snap = stats.snapshot()
+    if task_stats:
+        snap["tasks"] = {t: s.snapshot() for t, s in task_stats.items()}
+    return snap

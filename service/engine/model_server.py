@@ -18,6 +18,7 @@ import zmq
 
 from service.engine import ipc
 from service.engine.local_engine import LocalEngine
+from service.engine.local_model import routing_snapshot
 from service.engine.request_queue import PendingRequest
 from service.engine.results import ClassifyResult
 from service.engine.scheduler import Run, Tick, Wait
@@ -136,7 +137,8 @@ class ModelServer:
         if op == "queued":
             return {"texts": len(self.engine.get(h["model"]).queue)}
         if op == "routing":
-            return {"snapshot": self.engine.get(h["model"]).stats.snapshot()}
+            model = self.engine.get(h["model"])
+            return {"snapshot": routing_snapshot(model.stats, model.task_stats)}
         raise ServiceError(ErrorKind.INTERNAL, f"model process: unknown operation {op!r}")
 
     def _buffers(self, op: str) -> list[bytes]:
@@ -160,4 +162,5 @@ class ModelServer:
             return_routing=h["routing"],
             timeout_s=h["timeout_s"],
             finish=finish,
+            tasks=h.get("tasks"),
         )

@@ -36,6 +36,7 @@ from service.engine.model_server import configure
 from service.engine.repository import LoadError, Repository
 from service.engine.request_queue import deadline_for, retry_after_ms
 from service.engine.results import ClassifyResult
+from service.engine.tasks import label_width
 from service.errors import ErrorKind, ServiceError, deadline_exceeded, queue_full
 from service.metrics import Metrics, merge_expositions
 from service.modeling.folder import folder_version
@@ -220,10 +221,16 @@ class RemoteModel:
         long_text: LongText | None = None,
         return_routing: bool = False,
         timeout_s: float | None = None,
+        tasks: list[int] | None = None,
     ) -> ClassifyResult:
         if (current := self._current()) is not None:
             return await current.classify(
-                texts, truncate=truncate, long_text=long_text, return_routing=return_routing, timeout_s=timeout_s
+                texts,
+                truncate=truncate,
+                long_text=long_text,
+                return_routing=return_routing,
+                timeout_s=timeout_s,
+                tasks=tasks,
             )
         n = len(texts)
         self._admit(n)
@@ -232,13 +239,14 @@ class RemoteModel:
         wait_s = max(0.0, at - time.monotonic())
         request = {"model": self.name, "texts": texts, "truncate": truncate, "long_text": long_text}
         request["routing"] = return_routing
+        request["tasks"] = tasks
         self.in_flight += n
         try:
             header, buffers = await self._call("classify", wait_s, own_ms=own_ms, **request, timeout_s=timeout_s)
         finally:
             self.in_flight -= n
         self.texts_per_s = header["rate"]
-        return ipc.result_from(header, buffers, len(self.info.labels))
+        return ipc.result_from(header, buffers, label_width(self.info))
 
     def _admit(self, n: int) -> None:
         """429 here, before any IPC, when the texts already sent to the model process fill its queue and a batch:

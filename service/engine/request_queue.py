@@ -37,6 +37,7 @@ class PendingRequest:
     queue_s: float = 0.0
     inference_s: float = 0.0
     own_ms: int | None = None  # the request's own timeout_ms when it is the binding deadline (408, not 504)
+    tasks: list[int] | None = None  # multi-task model: the task ids every text of the request runs, in order
 
     def __post_init__(self) -> None:
         self.results = [None] * self.n

@@ -11,7 +11,9 @@ from service.backends.base import LayerRouting
 
 @dataclass
 class TextResult:
-    logits: np.ndarray  # [num_labels], already divided by the model's temperature
+    # [num_labels], already divided by the model's temperature; multi-task: [tasks asked, widest task's labels],
+    # a row per task in the order asked, each divided by its task's temperature and padded with -inf
+    logits: np.ndarray
     n_tokens: int  # how many tokens the model read (every window's, overlaps included)
     truncated: bool  # some of the text's tokens were read by no window
     routing: list[LayerRouting] | None = None  # this text's tokens only, window after window
@@ -26,3 +28,4 @@ class ClassifyResult:
     tokenization_s: float
     queue_s: float  # longest wait of any of the request's texts
     inference_s: float  # summed forward time of the batches the request's texts ran in
+    tasks: list[int] | None = None  # multi-task: the task id of each row of every text's logits

@@ -88,10 +88,10 @@ def encode_windows(
 
 
 def pool_logits(logits: np.ndarray, lengths: list[int] | np.ndarray) -> np.ndarray:
-    """A text's logits from its windows' [W, C]: the token-weighted mean (see README, "Long texts", for the
-    measurement against max pooling and the mean of probabilities). Computed in float64 in a fixed order, so a text's
-    result does not depend on the batch its windows ran in."""
+    """A text's logits from its windows' [W, C] (multi-task: [W, tasks, C]): the token-weighted mean (see README,
+    "Long texts", for the measurement against max pooling and the mean of probabilities). Computed in float64 in a
+    fixed order, so a text's result does not depend on the batch its windows ran in."""
     if len(logits) == 1:
         return logits[0]
     w = np.asarray(lengths, dtype=np.float64)
-    return (w @ logits.astype(np.float64) / w.sum()).astype(logits.dtype)
+    return (np.tensordot(w, logits.astype(np.float64), axes=1) / w.sum()).astype(logits.dtype)

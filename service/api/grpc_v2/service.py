@@ -27,6 +27,7 @@ from service.api.oip import (
     infer_request,
     long_text_option,
     model_metadata,
+    output_tasks,
     output_tensors,
     request_texts,
     server_ready,
@@ -144,8 +145,9 @@ class InferenceService:
         call["model"] = model.name
         req = infer_request(codec.request_document(request))
         texts = request_texts(req, self.state.settings.max_client_batch_size)
-        wanted = wanted_outputs(req)
-        result = await model.classify(texts, long_text=long_text_option(req.parameters))
+        wanted = wanted_outputs(req, model.info)
+        tasks = output_tasks(model.info, wanted)
+        result = await model.classify(texts, long_text=long_text_option(req.parameters), tasks=tasks)
         tensors = output_tensors(model, result)
         return codec.infer_response(model.name, request.id, tensors, wanted, raw=bool(request.raw_input_contents))
 
