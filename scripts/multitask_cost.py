@@ -66,11 +66,13 @@ def timed(model: MoEClassifier, seqs: list[list[int]], tasks: list[int], batch: 
 
 
 def rss_mb(folder: str) -> float:
-    """Resident MB of a fresh process that loads the folder and runs one text (interpreter and torch included)."""
+    """Resident MB of a fresh process that loaded the folder and ran a few batches (interpreter and torch
+    included): VmRSS after the warm-up, not the peak, which the loading's transient copies decide."""
     code = (
-        "import resource, sys\nfrom service.backends.torch_backend import TorchBackend\n"
+        "import sys\nfrom pathlib import Path\nfrom service.backends.torch_backend import TorchBackend\n"
         "b = TorchBackend(sys.argv[1], 'cpu')\nb.warmup()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "print([int(x.split()[1]) for x in Path('/proc/self/status').read_text().splitlines()"
+        " if x.startswith('VmRSS')][0] / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code, folder], check=True, capture_output=True, text=True)
     return round(float(out.stdout.split()[-1]), 1)
@@ -108,7 +110,7 @@ def main() -> None:
     memory = {"multi-task": rss_mb(args.model), **{Path(s).name: rss_mb(s) for s in args.single}}
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     result = {"model": args.model, "machine": machine, "texts": len(seqs), "batch": args.batch,
-              "tasks": cfg.task_names, "rows": rows, "peak_rss_mb": memory}  # fmt: skip
+              "tasks": cfg.task_names, "rows": rows, "rss_mb_after_warmup": memory}  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
