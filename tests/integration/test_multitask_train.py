@@ -73,9 +73,14 @@ def test_evaluate_cli_reports_every_task(tiny_multitask_dir: Path, tmp_path: Pat
     assert bad.returncode != 0 and "has no task 'spam' (tasks: mood, topic)" in bad.stderr
 
 
-def test_export_refuses_a_multi_task_folder(tiny_multitask_dir: Path) -> None:
-    r = _cli("export", "--model", str(tiny_multitask_dir))
-    assert r.returncode != 0 and "does not support multi-task models yet" in r.stderr
+def test_export_cli_writes_a_multi_task_folders_graphs(tiny_multitask_dir: Path, tmp_path: Path) -> None:
+    """The CLI exports a multi-task folder as any other (parity: tests/integration/test_onnx_multitask.py)."""
+    import shutil
+
+    folder = shutil.copytree(tiny_multitask_dir, tmp_path / "copy")
+    r = _cli("export", "--model", str(folder))
+    assert r.returncode == 0, r.stderr
+    assert (folder / "model.onnx").stat().st_size > 0
 
 
 def test_calibrate_cli_fits_a_temperature_per_task(tiny_multitask_dir: Path, tmp_path: Path) -> None:
