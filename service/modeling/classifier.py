@@ -85,6 +85,14 @@ class SelfAttention(nn.Module):
 
     row_buckets: bool = False  # serving on CPU: GEMM rows padded to a few sizes (service/modeling/row_buckets.py)
 
+    def _check_task_ids(self, task_ids: torch.Tensor | None, batch: int) -> None:
+        """One task id per text (or row), each a task of this model."""
+        tasks = len(self.config.tasks or {})
+        if task_ids is None or task_ids.shape != (batch,):
+            raise ValueError(f"a multi-task model needs one task id per text ({batch}), got {task_ids!r}")
+        if len(task_ids) and not 0 <= int(task_ids.min()) <= int(task_ids.max()) < tasks:
+            raise ValueError(f"task ids must be in [0, {tasks})")
+
     def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if not self.row_buckets:
             return layer(x)
@@ -235,16 +243,6 @@ class MoEClassifier(nn.Module):
             aux, z = self._routing_losses(routing, token_task, aux)
         return ClassifierOutput(logits, aux, z, routing, packed, token_task)
 
-    def forward_tasks(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tasks: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each text asked for several tasks (tasks[i]: text i's task ids): `forward_rows` with a row per (text,
-        task), text after text and each text's tasks in the order asked. Returns those rows' logits and text index."""
-        device = input_ids.device
-        row_text = torch.tensor([i for i, ts in enumerate(tasks) for _ in ts], dtype=torch.long, device=device)
-        row_task = torch.tensor([t for ts in tasks for t in ts], dtype=torch.long, device=device)
-        return self.forward_rows(input_ids, attention_mask, row_text, row_task).logits, row_text
-
     def forward_rows(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_text: torch.Tensor, row_task: torch.Tensor
     ) -> ClassifierOutput:
@@ -253,7 +251,7 @@ class MoEClassifier(nn.Module):
         texts repeated per row (tested), for less work where the bottom layers are shared. The routing is over the
         rows' packed tokens (a shared layer's routing of a text repeated in each of its rows), as `forward` on the
         repeated texts would give it."""
-        self._token_tasks(row_task, len(row_task), attention_mask.index_select(0, row_text))  # checks the ids
+        self._check_task_ids(row_task, len(row_task))
         h, rep, routing, token_task = self.encode_rows(input_ids, attention_mask, row_text, row_task)
         logits = self._heads(self.pool(h, rep), row_task)
         zero = logits.new_zeros(())
@@ -296,12 +294,18 @@ class MoEClassifier(nn.Module):
             if task_ids is not None:
                 raise ValueError("task ids given to a single-task model")
             return None
-        if task_ids is None or task_ids.shape != (batch,):
-            raise ValueError(f"a multi-task model needs one task id per text ({batch}), got {task_ids!r}")
-        if len(task_ids) and not 0 <= int(task_ids.min()) <= int(task_ids.max()) < len(self.config.tasks):
-            raise ValueError(f"task ids must be in [0, {len(self.config.tasks)})")
+        self._check_task_ids(task_ids, batch)
+        assert task_ids is not None
         flat = attention_mask.reshape(-1).bool()
         return task_ids.repeat_interleave(attention_mask.shape[1])[flat]
+
+    def _check_task_ids(self, task_ids: torch.Tensor | None, batch: int) -> None:
+        """One task id per text (or row), each a task of this model."""
+        tasks = len(self.config.tasks or {})
+        if task_ids is None or task_ids.shape != (batch,):
+            raise ValueError(f"a multi-task model needs one task id per text ({batch}), got {task_ids!r}")
+        if len(task_ids) and not 0 <= int(task_ids.min()) <= int(task_ids.max()) < tasks:
+            raise ValueError(f"task ids must be in [0, {tasks})")
 
     def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return rows_bucketed(layer, x) if self.row_buckets else layer(x)

@@ -203,12 +203,15 @@ def test_specialization_is_zero_for_shared_experts_and_one_bit_for_disjoint() ->
 
 @pytest.mark.parametrize("routed", [None, 1, 0])
 def test_several_tasks_of_one_text_share_the_bottom_layers(routed: int | None) -> None:
-    """forward_tasks runs the shared bottom once per text and gives the logits of the texts repeated per task."""
+    """forward_rows runs the shared bottom once per text and gives the logits of the texts repeated per task."""
+    from service.backends.base import task_rows
+
     model = _model(n_layers=3, task_routed_layers=routed)
     seqs = _texts(5)
     asked = [[0, 1], [1], [1, 0], [0], [0, 1]]
     with torch.no_grad():
-        logits, row_text = model.forward_tasks(*pad_batch(seqs), asked)
+        row_text, row_task = (torch.tensor(r) for r in task_rows(asked))
+        logits = model.forward_rows(*pad_batch(seqs), row_text, row_task).logits
         repeated = [seqs[i] for i, ts in enumerate(asked) for _ in ts]
         tasks = torch.tensor([t for ts in asked for t in ts])
         expected = model(*pad_batch(repeated), tasks).logits
