@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install tools image-test serve test test-fast lint bench train-default train-minilm compare-models clean
+.PHONY: install tools image-test serve test test-fast test-gpu lint bench train-default train-minilm compare-models clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,12 @@ test: install tools
 test-fast: install
 	$(PY) -m ruff check service tests load_tests
 	$(PY) -m pytest -q tests/unit
+
+# On a machine with a CUDA build of torch (README, "On a GPU"): the CUDA tests (skipped elsewhere) and the GPU engine
+# bench. No `install` prerequisite: that pins the CPU build of torch.
+test-gpu:
+	$(PY) -m pytest -q -m cuda tests
+	$(PY) scripts/gpu_bench.py --json reports/gpu-bench.json
 
 bench: install tools
 	$(VENV)/bin/moe-serve bench --quick

@@ -26,7 +26,9 @@ def resolve(folder: ModelFolder, kind: str = AUTO, precision: str = AUTO) -> tup
     """(backend, precision) for this folder: explicit settings first, then the folder's "serving", then torch fp32."""
     model_dir, serving = folder.path, folder.serving
     chosen = find(serving.get("backend"), serving.get("precision"))
-    graph = chosen.graph if chosen else None
+    # The choice matters (and its graph is built) only where the settings leave the variant to it.
+    uses_choice = kind == AUTO or (precision == AUTO and serving.get("backend") == kind)
+    graph = chosen.graph if chosen and uses_choice else None
     if graph and not (model_dir / graph).is_file() and not build_graphs(model_dir, graph):
         # Without the chosen graph and no way to build it here, `auto` serves torch rather than failing.
         choice = f"{serving.get('backend')} {serving.get('precision')}"

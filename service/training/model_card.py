@@ -133,3 +133,113 @@ Plots: `confusion_matrix.png`, `roc_curves.png`, `expert_by_class.png`. Full rep
 - Only the first {m.max_length} tokens are read.
 """
     (out / "README.md").write_text(card)
+
+
+def _task_rows(summary: dict[str, Any], reports: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    rows = []
+    for task, r in reports.items():
+        h = summary["tasks"][task].get("headline")
+        head = f"{h['macro_f1']:.4f}" if h else "—"
+        c = r.get("calibration") or {}
+        rows.append(
+            f"| {task} | {meta['tasks'][task]['dataset']} | {r['examples']} | {r['accuracy']:.4f} | "
+            f"{r['macro_f1']:.4f} | {head} | {c.get('temperature', '—')} | "
+            f"{c.get('ece_before', '—')} → {c.get('ece', '—')} |"
+        )
+    return "\n".join(rows)
+
+
+def _share_rows(summary: dict[str, Any]) -> str:
+    rows = []
+    layers = zip(summary["expert_share_by_task"], summary["specialization"], strict=True)
+    for layer, (shares, spec) in enumerate(layers):
+        mi = spec["mutual_information_bits"]
+        rows += [
+            f"| {layer} | {task} | {' '.join(f'{s:.3f}' for s in share)} | {mi} |" for task, share in shares.items()
+        ]
+    return "\n".join(rows)
+
+
+def _task_storage(meta: dict[str, Any]) -> str:
+    storage = meta.get("storage") or {}
+    moved = storage.get("rounding_vs_unrounded")
+    if not moved:
+        return ""
+    per_task = ", ".join(f"{t} {v['max_abs_prob_diff']} ({v['texts']} texts)" for t, v in moved.items())
+    changed = all(v["argmax_agreement"] == 1.0 for v in moved.values())
+    return (
+        f"- Weights stored as {storage['weights_dtype']}, rounded before every validation: the file holds exactly "
+        f"the model chosen, calibrated and evaluated here. Against the unrounded weights, rounding moved probabilities "
+        f"by at most: {per_task}, on the validation and test texts; "
+        f"{'no prediction changed' if changed else 'some predictions changed'}.\n"
+    )
+
+
+def _task_sections(reports: dict[str, dict[str, Any]]) -> str:
+    return "\n\n".join(
+        f"### {task}\nLabels: {', '.join(r['labels'])}.\n\n| class | precision | recall | F1 | ROC-AUC | support |\n"
+        f"|---|---|---|---|---|---|\n{_class_rows(r)}\n\nPlots and the full report: `eval/{task}/`."
+        for task, r in reports.items()
+    )
+
+
+def write_task_model_card(out: Path, m: ModelConfig, meta: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """README.md of a multi-task folder, from what the folder holds: config.json's training metadata, eval.json
+    (every task, expert shares by task, specialization) and each task's full report under eval/<task>/."""
+    import json
+
+    summary = json.loads((out / "eval.json").read_text())
+    reports = {t: json.loads((out / "eval" / t / "eval.json").read_text()) for t in summary["tasks"]}
+    moe_layers = len(summary["specialization"])
+    routed = moe_layers if m.task_routed_layers is None else m.task_routed_layers
+    best = history[meta["best_epoch"] - 1]
+    best_by_task = ", ".join(f"{t} {best[f'val_macro_f1_{t}']}" for t in reports if f"val_macro_f1_{t}" in best)
+    sizes = "; ".join(
+        f"{t}: `{v['dataset']}`, train {v['split_sizes']['train']}, validation {v['split_sizes']['validation']}, "
+        f"test {v['split_sizes']['test']}"
+        for t, v in meta["tasks"].items()
+    )
+    card = f"""# {out.name}
+
+Multi-task Mixture-of-Experts text classifier trained by moe-serve (`moe-serve train`, recipe `{meta["recipe"]}`):
+one encoder and one pool of experts for {len(reports)} tasks ({", ".join(reports)}), a head per task.
+
+## Model
+{_encoder_lines(m, meta)}
+- Tasks: {"; ".join(f"{t} ({', '.join(r['labels'])})" for t, r in reports.items())}. The top {routed} of the
+  {moe_layers} MoE layers route each task's tokens by that task's own router; the {moe_layers - routed} below share
+  one router, so a text asked for several tasks runs them once. Every expert is shared by every task.
+- Maximum length: {m.max_length} tokens; longer texts are read window by window (served default) or truncated.
+{_task_storage(meta)}
+## Data
+- Fixed split per task (seed {meta["split_seed"]}, fractions {meta["split_fractions"]}): {sizes}.
+- Training: {meta["epochs_run"]} epochs run, mixed-task batches; best mean validation macro-F1 at epoch
+  {meta["best_epoch"]} ({best["val_macro_f1"]}: {best_by_task}); {meta["train_seconds"]} s wall time.
+
+## Test-split results
+Macro-F1 averaged over the tasks: {summary["mean_macro_f1"]}. Headlines: each text's first line (topic's titles;
+a review has one line, so its figure is the review's own). Calibration: a temperature per task fitted on its
+validation split; test ECE at T = 1 → at T.
+
+| task | dataset | test texts | accuracy | macro-F1 | headlines macro-F1 | temperature | ECE |
+|---|---|---|---|---|---|---|---|
+{_task_rows(summary, reports, meta)}
+
+{_task_sections(reports)}
+
+## What the experts do per task
+Share of each task's test-split token assignments per expert, and the mutual information between task and expert in
+that layer (bits; 0: the experts serve every task alike). Plot: `task_experts.png`.
+
+| MoE layer | task | share per expert | task–expert MI (bits) |
+|---|---|---|---|
+{_share_rows(summary)}
+
+`routing_profile.json` holds each task's validation-split expert distribution, which serving compares live traffic
+with (drift per task). `moe-serve extract --model models/{out.name} --task T` writes one task as its own folder.
+
+## Limits
+- Each task is trained on one source and period; expect lower accuracy on other domains, and no meaningful answer
+  for text outside a task's label set (every input gets one of that task's labels).
+"""
+    (out / "README.md").write_text(card)

@@ -25,6 +25,7 @@ from service.training.calibration import fit_temperature
 from service.training.data import Example, cap_examples
 from service.training.evaluate import evaluate_examples, write_report, write_routing_profile
 from service.training.metrics import routing_profile
+from service.training.model_card import write_task_model_card
 from service.training.predict import Predictions, encode_texts, model_forward, predict
 from service.training.recipe import DataRecipe, Recipe
 from service.training.task_data import TaskDatasets, TaskSource, load_task_file, load_tasks
@@ -228,7 +229,8 @@ def train_multitask(recipe: Recipe, output_dir: str | Path, progress: bool = Tru
     run = MultiTaskTrainer(recipe, splits, data.labels())
     history, best = fit(run, progress, t0)
     storage = run.keep_best(best, {t: [e.text for e in splits[t]["validation"] + splits[t]["test"]] for t in run.tasks})
-    meta = task_meta(recipe, data, splits, {"storage": storage, "best_epoch": best.epoch, "epochs_run": len(history)})
+    run_meta = {**run.origin, "storage": storage, "best_epoch": best.epoch, "epochs_run": len(history)}
+    meta = task_meta(recipe, data, splits, run_meta)
     meta["train_seconds"] = round(time.perf_counter() - t0, 1)
     report = write_task_folder(Path(output_dir), recipe, run, data.labels(), meta, history, splits)
     return {
@@ -313,4 +315,5 @@ def write_task_folder(
         counts[task] = preds.expert_counts
     summary = task_summary(reports, counts)
     write_summary(summary, out)
+    write_task_model_card(out, model.config, meta, history)
     return summary

@@ -39,6 +39,10 @@ def test_folder_holds_every_task_and_what_the_experts_do(tiny_multitask_dir: Pat
         report = json.loads((tiny_multitask_dir / "eval" / task / "eval.json").read_text())
         assert report["task"] == task and report["macro_f1"] == summary["tasks"][task]["macro_f1"]
     assert (tiny_multitask_dir / "task_experts.png").stat().st_size > 0
+    card = (tiny_multitask_dir / "README.md").read_text()  # the model card: every task's test figures
+    for task in ("mood", "topic"):
+        assert f"| {task} | " in card and f"{summary['tasks'][task]['macro_f1']:.4f}" in card
+    assert "task–expert MI" in card and "eval/topic/" in card
     # Drift references: the model-wide profile over every task's tokens, and each task's own under "tasks".
     profile = json.loads((tiny_multitask_dir / "routing_profile.json").read_text())
     assert set(profile["tasks"]) == {"mood", "topic"}

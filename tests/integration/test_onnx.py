@@ -98,6 +98,8 @@ def test_backend_choice_follows_settings_then_folder(exported: Path, tmp_path: P
     assert load_backend(folder, "cpu").kind == "onnx"
     # Graphs are build artefacts: a fresh clone has the choice but not the graph, which `auto` then builds once.
     (folder / ONNX_INT8_FILE).unlink()
+    assert resolve(read_folder(folder), "torch", "fp32") == ("torch", "fp32")
+    assert not (folder / ONNX_INT8_FILE).is_file()  # asked for torch: the folder's choice is not built
     assert resolve(read_folder(folder)) == ("onnx", "int8")
     assert (folder / ONNX_INT8_FILE).is_file()
     assert not [p for p in folder.iterdir() if p.name.startswith(".export-")]  # the scratch folder is gone
