@@ -3,10 +3,10 @@
 For each choice of `task_routed_layers` (0 .. every MoE layer), the folder's model is rebuilt with that many top
 MoE layers routed by task (a shared router where there was a task router: task 0's rows; a task router where there
 was a shared one: the shared router copied to every task), and the same texts are timed asked for one task and for
-every task (torch fp32, `run_model`, batches of --batch texts, median of --repeats passes). The trained folder's own
-choice is marked; the rebuilt ones keep its experts, so their routing (and so their cost) is realistic, not their
-accuracy. Also: the resident memory of one multi-task model against its single-task folders, each loaded alone in a
-fresh process.
+every task (torch fp32, `run_model`, batches of --batch texts, median of --repeats passes of each, the two kinds
+interleaved). The trained folder's own choice is marked; the rebuilt ones keep its experts, so their routing (and
+so their cost) is realistic, not their accuracy. Also: the resident memory of one multi-task model against its
+single-task folders, each loaded alone in a fresh process.
 
 Usage: python scripts/multitask_cost.py --model models/topic-sentiment-minilm-moe \
            [--single models/bbc-news-minilm-moe ...] [--json docs/models/multitask_cost.json]
@@ -51,18 +51,22 @@ def rebuilt(model: MoEClassifier, routed: int) -> MoEClassifier:
     return new
 
 
-def timed(model: MoEClassifier, seqs: list[list[int]], tasks: list[int], batch: int, repeats: int) -> float:
-    """Median seconds of one pass over every text asked for `tasks`."""
+def timed(
+    model: MoEClassifier, seqs: list[list[int]], every: list[int], batch: int, repeats: int
+) -> tuple[float, float]:
+    """Median seconds of one pass over every text asked for task 0 alone, and for `every` task: the two kinds of
+    pass interleaved, so that drift in the machine's speed moves both alike."""
 
-    def one_pass() -> float:
+    def one_pass(tasks: list[int]) -> float:
         t0 = time.perf_counter()
         for i in range(0, len(seqs), batch):
             chunk = seqs[i : i + batch]
             run_model(model, chunk, 0, "cpu", False, [tasks] * len(chunk))
         return time.perf_counter() - t0
 
-    one_pass()  # warm-up
-    return statistics.median(one_pass() for _ in range(repeats))
+    one_pass([0]), one_pass(every)  # warm-up
+    pairs = [(one_pass([0]), one_pass(every)) for _ in range(repeats)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def rss_mb(folder: str) -> float:
@@ -102,7 +106,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for routed in range(moe + 1):
         model = rebuilt(loaded.model, routed)
-        one, all_tasks = (timed(model, seqs, t, args.batch, args.repeats) for t in ([0], every))
+        one, all_tasks = timed(model, seqs, every, args.batch, args.repeats)
         rows.append({"task_routed_layers": routed, "trained": routed == trained,
                      "one_task_s": round(one, 3), "every_task_s": round(all_tasks, 3),
                      "ratio": round(all_tasks / one, 2)})  # fmt: skip

@@ -165,13 +165,15 @@ def _task_storage(meta: dict[str, Any]) -> str:
     moved = storage.get("rounding_vs_unrounded")
     if not moved:
         return ""
-    per_task = ", ".join(f"{t} {v['max_abs_prob_diff']} ({v['texts']} texts)" for t, v in moved.items())
-    changed = all(v["argmax_agreement"] == 1.0 for v in moved.values())
+    per_task = "; ".join(
+        f"{t}: probabilities moved by at most {v['max_abs_prob_diff']}, labels kept on {v['argmax_agreement']:.2%} of "
+        f"{v['texts']} texts"
+        for t, v in moved.items()
+    )
     return (
         f"- Weights stored as {storage['weights_dtype']}, rounded before every validation: the file holds exactly "
-        f"the model chosen, calibrated and evaluated here. Against the unrounded weights, rounding moved probabilities "
-        f"by at most: {per_task}, on the validation and test texts; "
-        f"{'no prediction changed' if changed else 'some predictions changed'}.\n"
+        f"the model chosen, calibrated and evaluated here. Against the unrounded weights, on the validation and test "
+        f"texts: {per_task}.\n"
     )
 
 

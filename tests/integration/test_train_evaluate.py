@@ -184,6 +184,23 @@ def test_pretrained_model_meets_its_bar(tmp_path: Path) -> None:
     assert committed_size(folder) <= 60_000_000
 
 
+def test_multitask_model_meets_its_bars(tmp_path: Path) -> None:
+    """The committed two-task model, evaluated afresh by the CLI: issue 18's bars per task (topic articles and
+    headlines, sentiment on held-out movies), the figures its eval.json states, and the 60 MB."""
+    folder = ROOT / "models" / "topic-sentiment-minilm-moe"
+    r = _cli("evaluate", "--model", str(folder), "--split", "test", "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    tasks = json.loads(r.stdout)["tasks"]
+    topic, sentiment = tasks["topic"], tasks["sentiment"]
+    assert topic["examples"] == 426 and topic["macro_f1"] >= 0.975, topic
+    assert topic["headline"]["macro_f1"] >= 0.88, topic
+    assert sentiment["examples"] == 2531 and sentiment["macro_f1"] >= 0.80, sentiment
+    stored = json.loads((folder / "eval.json").read_text())["tasks"]
+    for task in ("topic", "sentiment"):
+        assert abs(tasks[task]["macro_f1"] - stored[task]["macro_f1"]) < 1e-4, task
+    assert committed_size(folder) <= 60_000_000
+
+
 def test_training_is_reproducible(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Same recipe, same machine: byte-identical tokenizer, weights and reports."""
     r = _cli(
