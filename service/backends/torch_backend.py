@@ -25,6 +25,12 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # short text takes 0.8 ms on 1 or 2 warm threads, but 7.9 ms on 2 threads after 20 ms idle (the sleeping OpenMP
 # worker must be woken) against 1.5 ms on 1; at 64 tokens 1 thread is within 11% of 2.
 SINGLE_THREAD_TOKENS = 64
+# Batches of up to this many tokens run each MoE layer as one masked dense GEMM pair (MoEFeedForward.masked_forward).
+# Measured per layer on the dev machine (AMD EPYC, 2 cores; d 384, 8 experts of 192, top-2; threads as above),
+# masked / grouped time: bf16 0.40-0.86 from 8 to 192 tokens, 1.00 at 256, 1.24 at 384 (oneDNN's bf16 calls are
+# dear, so fewer calls win); fp32 0.96 at 8 tokens but 1.30 at 22 and 1.6-3.2 above (its small GEMMs are cheap,
+# so the E/k times the FLOPs lose): off.
+MASKED_DENSE_TOKENS = {"fp32": 0, "bf16": 192}
 
 
 class TorchBackend(Backend):
@@ -42,6 +48,8 @@ class TorchBackend(Backend):
             # bf16 GEMMs are compiled per shape by oneDNN; measured: random served batches 296 -> 634 texts/s on
             # bbc-news-minilm-moe. fp32 gains nothing (its kernels are not compiled per shape) and pays the padding.
             self.model.use_row_buckets()
+        if self.device == "cpu":
+            self.model.use_masked_dense(MASKED_DENSE_TOKENS[precision])
         self.tokenizer = bundle.tokenizer
         self.pad_id = bundle.tokenizer.pad_id
         self.info = model_info(bundle.folder, precision)

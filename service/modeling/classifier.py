@@ -206,6 +206,12 @@ class MoEClassifier(nn.Module):
             if hasattr(type(m), "row_buckets"):
                 m.row_buckets = on
 
+    def use_masked_dense(self, tokens: int) -> None:
+        """Batches of up to `tokens` tokens run each MoE layer as one masked dense GEMM pair (MoEFeedForward.
+        masked_forward); 0: always grouped by expert."""
+        for layer in self.moe_layers:
+            layer.masked_dense_tokens = tokens
+
     @property
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]

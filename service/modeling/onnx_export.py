@@ -133,9 +133,10 @@ def _example(model: MoEClassifier) -> tuple[torch.Tensor, ...]:
 ROW_INPUTS = ["row_text", "row_task"]  # a multi-task graph's inputs after input_ids and attention_mask
 
 
-def export_graph(model: MoEClassifier, path: Path) -> Path:
+def export_graph(model: MoEClassifier, path: Path, graph_model: type[_GraphModel] | None = None) -> Path:
+    """graph_model: another single-task graph wrapper to trace (scripts/masked_dense_graph.py's masked route)."""
     multi = model.config.tasks is not None
-    graph = _GraphRowsModel(model) if multi else _GraphModel(model)
+    graph = _GraphRowsModel(model) if multi else (graph_model or _GraphModel)(model)
     names = output_names(len(model.moe_layers))
     rows = "rows" if multi else "batch"  # logits: a row per (text, task), or per text
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: rows}}

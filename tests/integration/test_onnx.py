@@ -164,3 +164,48 @@ def test_evaluate_reports_parity_for_another_backend(onnx_models_dir: Path) -> N
     head = got["headline"]["parity"]
     assert head["max_abs_diff"] <= TOL and head["argmax_agreement"] == 1.0 and head["routing_agreement"] >= 0.999
     assert got["macro_f1"] == ref["macro_f1"] and got["headline"]["macro_f1"] == ref["headline"]["macro_f1"]
+
+
+def test_masked_dense_graph_matches_torch(onnx_models_dir: Path, tmp_path: Path) -> None:
+    """The small-batch masked dense route exported (scripts/masked_dense_graph.py, the graph its figures time):
+    fp32 within 1e-4 of torch fp32 with identical routing; int8 judged as the sparse int8 graph is."""
+    from scripts.masked_dense_graph import export_both
+    from service.bench.dense_yardstick import DenseGraph
+    from service.modeling.tokenizer import pad_ids
+
+    folder = onnx_models_dir / "tiny-bert-moe"
+    torch_b = load_backend(folder, "cpu", "torch", precision="fp32")
+    seqs = _sequences(40, torch_b.info.architecture["vocab_size"], torch_b.info.max_length, seed=5)
+    ref = torch_b.forward(seqs, return_routing=True)
+    assert ref.routing is not None
+    graphs = export_both(folder, tmp_path)
+    ids, mask = pad_ids(seqs, torch_b.pad_id)
+    for name in ("masked fp32", "masked int8"):
+        logits, *routes = DenseGraph(graphs[name]).session.run(None, {"input_ids": ids, "attention_mask": mask})
+        got, want = _softmax(logits), _softmax(ref.logits)
+        if name == "masked fp32":
+            np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+            for experts, r in zip(routes[0::2], ref.routing, strict=True):
+                np.testing.assert_array_equal(experts, r.expert_ids)
+        else:
+            assert np.abs(got - want).max() < 0.15 and (got.argmax(1) == want.argmax(1)).mean() >= 0.85
+
+
+def test_torch_bf16_runs_small_batches_masked_and_agrees_with_fp32(exported: Path) -> None:
+    """On CPU the bf16 backend runs batches up to its measured token count as one masked GEMM pair per layer
+    (lone texts here) and larger ones grouped: both agree with fp32 as bf16 does."""
+    from service.backends.torch_backend import MASKED_DENSE_TOKENS
+
+    ref_b = load_backend(exported, "cpu", "torch", precision="fp32")
+    bf16 = load_backend(exported, "cpu", "torch", precision="bf16")
+    assert [m.masked_dense_tokens for m in bf16.model.moe_layers] == [MASKED_DENSE_TOKENS["bf16"]] * len(
+        bf16.model.moe_layers
+    )
+    assert all(m.masked_dense_tokens == MASKED_DENSE_TOKENS["fp32"] for m in ref_b.model.moe_layers)
+    seqs = _sequences(40, ref_b.info.architecture["vocab_size"], ref_b.info.max_length, seed=4)
+    assert sum(map(len, seqs)) > MASKED_DENSE_TOKENS["bf16"] >= max(map(len, seqs))
+    ref = _softmax(ref_b.forward(seqs).logits)
+    alone = _softmax(np.concatenate([bf16.forward([s]).logits for s in seqs]))
+    together = _softmax(bf16.forward(seqs).logits)
+    for got in (alone, together):
+        assert np.abs(got - ref).max() < 0.15 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.85

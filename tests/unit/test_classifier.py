@@ -199,3 +199,22 @@ def test_bucket_sizes_are_few_and_waste_little() -> None:
     sizes = {bucket(n) for n in range(1, 16385)}
     assert len(sizes) <= 72
     assert all(bucket(n) >= n and (n <= 64 or bucket(n) - n <= n / 8) for n in range(1, 16385))
+
+
+@pytest.mark.parametrize("kw", [{}, {"combine": "sum"}, {"moe_every": 2}])
+def test_masked_dense_route_keeps_batch_independence(kw: dict) -> None:
+    """With the small-batch route on, a text alone (few tokens: one masked GEMM pair) and inside a batch (many
+    tokens: grouped by expert) takes different routes and gets the same logits and routing, in fp32 within 1e-5."""
+    model = _model(**kw)
+    model.use_masked_dense(60)  # every text here has < 60 tokens; the batch has more
+    seqs = _texts(12)
+    with torch.no_grad():
+        alone = [model(*pad_batch([s])) for s in seqs]
+        together = model(*pad_batch(seqs))
+        model.use_masked_dense(0)
+        grouped_alone = torch.cat([model(*pad_batch([s])).logits for s in seqs])
+    assert sum(map(len, seqs)) > 60
+    torch.testing.assert_close(together.logits, torch.cat([a.logits for a in alone]), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(grouped_alone, torch.cat([a.logits for a in alone]), atol=TOL, rtol=TOL)
+    for li, r in enumerate(together.routing):
+        assert torch.equal(r.expert_ids, torch.cat([a.routing[li].expert_ids for a in alone]))

@@ -144,3 +144,72 @@ def test_graph_dispatch_matches_grouped(combine: str) -> None:
             x = torch.randn(t, 32)
             r = layer.route(x)
             torch.testing.assert_close(layer.graph_forward(x, r), layer.grouped_forward(x, r), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("combine", ["weighted", "sum"])
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("t", [0, 1, 7, 300])
+def test_masked_dense_matches_reference(k: int, t: int, combine: str) -> None:
+    """The small-batch route (one masked GEMM pair over every expert) is the grouped maths up to summation order."""
+    layer = _layer(k=k, combine=combine)
+    x = torch.randn(t, 32)
+    with torch.no_grad():
+        r = layer.route(x)
+        torch.testing.assert_close(layer.masked_forward(x, r), layer.reference_forward(x, r), atol=TOL, rtol=TOL)
+        torch.testing.assert_close(layer.masked_forward(x, r), layer.grouped_forward(x, r), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("combine", ["weighted", "sum"])
+def test_masked_dense_gradients_match_reference(combine: str) -> None:
+    layer = _layer(combine=combine)
+    x = torch.randn(20, 32, requires_grad=True)
+    params = [x, layer.w1, layer.b1, layer.w2, layer.b2, layer.router.weight]
+    g_masked = torch.autograd.grad(layer.masked_forward(x, layer.route(x)).square().sum(), params)
+    g_ref = torch.autograd.grad(layer.reference_forward(x, layer.route(x)).square().sum(), params)
+    for a, b in zip(g_masked, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_takes_the_masked_route_up_to_the_threshold_only() -> None:
+    """At or below masked_dense_tokens no expert is called on its own; above it, each active expert once; both
+    answer the reference."""
+    layer = _layer()
+    layer.masked_dense_tokens = 16
+    calls: list[int] = []
+    original = layer.expert_mlp
+    layer.expert_mlp = lambda e, rows: calls.append(e) or original(e, rows)  # type: ignore[method-assign]
+    with torch.no_grad():
+        for t, grouped in ((1, False), (16, False), (17, True)):
+            calls.clear()
+            x = torch.randn(t, 32)
+            y, r = layer(x)
+            assert bool(calls) == grouped
+            torch.testing.assert_close(y, layer.reference_forward(x, r), atol=TOL, rtol=TOL)
+
+
+def test_masked_dense_sees_new_weights() -> None:
+    """The side-by-side copy of w1 is rebuilt when the weights change (in place, as a state dict load does, or
+    by a dtype change)."""
+    layer = _layer()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        r = layer.route(x)
+        layer.masked_forward(x, r)
+        layer.w1.mul_(2.0)
+        torch.testing.assert_close(layer.masked_forward(x, r), layer.reference_forward(x, r), atol=TOL, rtol=TOL)
+        layer.double()
+        y = layer.masked_forward(x.double(), r)
+    assert y.dtype == torch.float64
+
+
+def test_masked_dense_with_row_buckets_in_bf16() -> None:
+    """bf16 with GEMM rows padded to buckets (as the torch backend serves on CPU): padding rows are cut off and
+    the real rows agree with the grouped route within bf16 rounding."""
+    layer = _layer().to(torch.bfloat16)
+    layer.row_buckets = True
+    x = torch.randn(21, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        r = layer.route(x)
+        y = layer.masked_forward(x, r)
+        assert y.shape == (21, 32)
+        torch.testing.assert_close(y.float(), layer.grouped_forward(x, r).float(), atol=0.1, rtol=0.05)

@@ -292,3 +292,17 @@ def test_task_views_of_a_model_and_of_a_backend_answer_one_task() -> None:
     assert (view.info.labels, view.info.temperature, view.info.tasks) == (["neg", "pos"], 0.5, {})
     with pytest.raises(ValueError, match="no task 'spam'"):
         TaskBackend(Rows(), "spam")
+
+
+def test_masked_dense_route_answers_each_task_as_grouped() -> None:
+    """Routing (each task's router) is done before dispatch, so the small-batch masked route serves a mixed-task
+    batch with the grouped route's logits and routing."""
+    model = _model()
+    batch = (*pad_batch(_texts(6)), _tasks(6))
+    with torch.no_grad():
+        grouped = model(*batch)
+        model.use_masked_dense(10**6)
+        masked = model(*batch)
+    torch.testing.assert_close(masked.logits, grouped.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(masked.routing, grouped.routing, strict=True):
+        assert torch.equal(a.expert_ids, b.expert_ids)
