@@ -85,14 +85,6 @@ class SelfAttention(nn.Module):
 
     row_buckets: bool = False  # serving on CPU: GEMM rows padded to a few sizes (service/modeling/row_buckets.py)
 
-    def _check_task_ids(self, task_ids: torch.Tensor | None, batch: int) -> None:
-        """One task id per text (or row), each a task of this model."""
-        tasks = len(self.config.tasks or {})
-        if task_ids is None or task_ids.shape != (batch,):
-            raise ValueError(f"a multi-task model needs one task id per text ({batch}), got {task_ids!r}")
-        if len(task_ids) and not 0 <= int(task_ids.min()) <= int(task_ids.max()) < tasks:
-            raise ValueError(f"task ids must be in [0, {tasks})")
-
     def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if not self.row_buckets:
             return layer(x)
