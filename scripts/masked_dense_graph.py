@@ -43,11 +43,9 @@ def export_both(folder: Path, work: Path) -> dict[str, Path]:
     model = load_model(folder).model
     graphs = {}
     for name, graph_model in (("sparse", onnx_export._GraphModel), ("masked", _MaskedGraphModel)):
-        raw = work / f"{name}.raw.onnx"
-        onnx_export.export_graph(model, raw, graph_model)
-        graphs[f"{name} fp32"] = onnx_export.optimise(raw, work / f"{name}.fp32.onnx")
-        quantised = onnx_export.quantise_int8(raw, work / f"{name}.int8.raw.onnx")
-        graphs[f"{name} int8"] = onnx_export.optimise(quantised, work / f"{name}.int8.onnx")
+        (work / name).mkdir()
+        built = onnx_export.build_graphs(model, work / name, True, graph_model)
+        graphs |= {f"{name} {precision}": path for precision, path in built.items()}
     return graphs
 
 

@@ -204,23 +204,29 @@ def quantise_int8(src: Path, dst: Path) -> Path:
     return dst
 
 
+def build_graphs(
+    model: MoEClassifier, work: Path, int8: bool, graph_model: type[_GraphModel] | None = None
+) -> dict[str, Path]:
+    """The exported graph optimised ("fp32") and, with int8, quantised then optimised ("int8"), built in `work`."""
+    raw = export_graph(model, work / "raw.onnx", graph_model)
+    built = {"fp32": optimise(raw, work / "fp32.onnx")}
+    if int8:
+        # Quantise the exported graph, not the optimised one: fused CPU-only ops are not quantisable.
+        built["int8"] = optimise(quantise_int8(raw, work / "int8.raw.onnx"), work / "int8.onnx")
+    return built
+
+
 def export_model(model_dir: str | Path, int8: bool = False) -> list[Path]:
     """Write model.onnx (and model.int8.onnx) into the model folder; returns the files written. Built in a scratch
     folder beside them and moved in at the end, so a reader (or a second exporter) never sees half a graph."""
     folder = Path(model_dir)
     bundle = load_model(folder)
+    names = {"fp32": ONNX_FILE, "int8": ONNX_INT8_FILE}
     with tempfile.TemporaryDirectory(prefix=".export-", dir=folder) as tmp:
-        work = Path(tmp)
-        export_graph(bundle.model, work / "raw.onnx")
-        built = {ONNX_FILE: optimise(work / "raw.onnx", work / ONNX_FILE)}
-        if int8:
-            # Quantise the exported graph, not the optimised one: fused CPU-only ops are not quantisable.
-            quantised = quantise_int8(work / "raw.onnx", work / "int8.raw.onnx")
-            built[ONNX_INT8_FILE] = optimise(quantised, work / "int8.onnx")
         written = []
-        for name, path in built.items():
+        for precision, path in build_graphs(bundle.model, Path(tmp), int8).items():
             path.chmod(0o644)
-            written.append(path.replace(folder / name))
+            written.append(path.replace(folder / names[precision]))
     for p in written:
         log.info("wrote %s (%.1f MB)", p, p.stat().st_size / 1e6)
     return written
