@@ -1,0 +1,232 @@
+"""Does static int8 (activations quantised with calibrated scales, not per batch) make the MoE faster?
+
+The issue's two static routes, measured against the folder's served int8 graph (ONNX Runtime, dynamic int8) on the
+same texts, with the fp32 graph as the accuracy reference:
+
+- `ort-qdq`: ONNX Runtime's `quantize_static`, QDQ format, per-channel weights, min-max scales calibrated on the
+  validation split (64 headlines and 64 articles, batches of 8), routers kept fp32, as `moe-serve export` keeps them;
+- `ov-nncf`: the exported fp32 graph read by OpenVINO and quantised by NNCF's post-training quantisation (transformer
+  preset, the same calibration batches, routers ignored), compiled with bf16 for what stays in floating point where
+  the CPU has AVX512_BF16 / AMX.
+
+Prints texts/s for headlines and articles at batch 1 and 64 (median of 5 interleaved rounds), label agreement and
+the largest probability difference against fp32 on the test split, and OpenVINO's own per-op profile of 64 articles
+(where the sparse graph's time goes in that runtime). Needs the bench extra (openvino, nncf).
+
+    .venv/bin/python scripts/static_int8.py --model models/bbc-news-minilm-moe --json docs/bench/static-int8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.bench.backends import choice_texts, length_sorted_batches
+from service.bench.dense_vs_moe import text_sets
+from service.modeling import onnx_export
+from service.modeling.artifacts import LoadedModel, load_model
+from service.modeling.layout import ONNX_FILE, ONNX_INT8_FILE
+from service.modeling.tokenizer import pad_ids
+
+ROUNDS = 5
+Forward = Callable[[list[list[int]]], np.ndarray]
+
+
+def calibration(loaded: LoadedModel) -> list[dict[str, np.ndarray]]:
+    seqs = choice_texts(loaded, "validation", 64)
+    return [feed(seqs[i : i + 8], loaded.tokenizer.pad_id) for i in range(0, len(seqs), 8)]
+
+
+def feed(seqs: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
+    ids, mask = pad_ids(seqs, pad_id)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def ort_qdq(raw: Path, items: list[dict[str, np.ndarray]], work: Path) -> Path:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(items)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    qdq = work / "qdq.raw.onnx"
+    quantize_static(
+        str(raw),
+        str(qdq),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=onnx_export.PER_CHANNEL,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=list(onnx_export.INT8_OPS),
+        nodes_to_exclude=onnx_export.router_nodes(raw),
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return onnx_export.optimise(qdq, work / "qdq.onnx")
+
+
+def ov_nncf(raw: Path, items: list[dict[str, np.ndarray]]) -> Any:
+    import nncf
+    import openvino as ov
+
+    return nncf.quantize(
+        ov.Core().read_model(str(raw)),
+        nncf.Dataset(items),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(items),
+        ignored_scope=nncf.IgnoredScope(patterns=[".*/router/.*"], validate=False),
+    )
+
+
+def ort_forward(graph: Path, pad_id: int, threads: int) -> Forward:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    return lambda seqs: session.run(None, feed(seqs, pad_id))[0]
+
+
+def ov_request(model: Any, threads: int, profile: bool = False) -> Any:
+    import openvino as ov
+
+    hint = "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+    config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": profile}
+    return ov.Core().compile_model(model, "CPU", config).create_infer_request()
+
+
+def ov_forward(model: Any, pad_id: int, threads: int) -> Forward:
+    request = ov_request(model, threads)
+    return lambda seqs: request.infer(feed(seqs, pad_id))[0]
+
+
+def texts_per_s(forwards: dict[str, Forward], calls: list[list[list[int]]]) -> dict[str, float]:
+    """Every forward over the same calls, interleaved round by round; median texts/s of ROUNDS after a warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    for i in range(ROUNDS + 1):
+        for name, f in forwards.items():
+            t0 = time.perf_counter()
+            for c in calls:
+                f(c)
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    n = sum(map(len, calls))
+    return {name: round(n / statistics.median(t), 1) for name, t in times.items()}
+
+
+def agreement(forwards: dict[str, Forward], sets: dict[str, list[list[int]]]) -> dict[str, dict[str, Any]]:
+    """Per forward and text set: labels equal to fp32's (%) and the largest probability difference."""
+
+    def probs(f: Forward, seqs: list[list[int]]) -> np.ndarray:
+        logits = np.concatenate([f(b) for b in length_sorted_batches(seqs, 64)])
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return p / p.sum(1, keepdims=True)
+
+    out: dict[str, dict[str, Any]] = {}
+    for kind, seqs in sets.items():
+        order = [s for b in length_sorted_batches(seqs, 64) for s in b]
+        ref = probs(forwards["fp32"], order)
+        for name, f in forwards.items():
+            p = probs(f, order)
+            out.setdefault(name, {})[kind] = {
+                "labels_agree_pct": round(100 * float((p.argmax(1) == ref.argmax(1)).mean()), 2),
+                "max_prob_diff": round(float(np.abs(p - ref).max()), 4),
+            }
+    return out
+
+
+def ov_profile(model: Any, seqs: list[list[int]], pad_id: int, threads: int, top: int = 12) -> list[dict[str, Any]]:
+    """OpenVINO's per-node times for one forward of `seqs`, summed per (op, kernel)."""
+    request = ov_request(model, threads, profile=True)
+    for _ in range(3):
+        request.infer(feed(seqs, pad_id))
+    ms: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for p in request.get_profiling_info():
+        if p.status == p.Status.EXECUTED:
+            ms[(p.node_type, p.exec_type)] += p.real_time.total_seconds() * 1e3
+            calls[(p.node_type, p.exec_type)] += 1
+    total = sum(ms.values())
+    rows = [{"op": op, "kernel": k, "calls": calls[(op, k)], "ms": round(v, 2)} for (op, k), v in ms.most_common(top)]
+    return [{"op": "all", "kernel": "", "calls": sum(calls.values()), "ms": round(total, 2)}, *rows]
+
+
+def run(folder: Path, threads: int, n_texts: int) -> dict[str, Any]:
+    loaded = load_model(folder)
+    pad = loaded.tokenizer.pad_id
+    items = calibration(loaded)
+    with tempfile.TemporaryDirectory(prefix="static-int8-") as tmp:
+        work = Path(tmp)
+        raw = onnx_export.export_graph(loaded.model, work / "raw.onnx")
+        ov_model = ov_nncf(raw, items)
+        forwards = {
+            "fp32": ort_forward(folder / ONNX_FILE, pad, threads),
+            "ort-dynamic (served)": ort_forward(folder / ONNX_INT8_FILE, pad, threads),
+            "ort-qdq": ort_forward(ort_qdq(raw, items, work), pad, threads),
+            "ov-nncf": ov_forward(ov_model, pad, threads),
+        }
+        sets = text_sets(loaded, n_texts)
+        speed = {}
+        for kind, seqs in sets.items():
+            speed[f"{kind}_b1"] = texts_per_s(forwards, [[s] for s in seqs[:64]])
+            speed[f"{kind}_b64"] = texts_per_s(forwards, length_sorted_batches(seqs, 64))
+        import onnxruntime
+        import openvino
+
+        from service.bench.run import machine
+
+        versions = {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}
+        return {
+            "machine": {**machine(), **versions, "threads": threads},
+            "texts_per_s": speed,
+            "agreement": agreement(forwards, text_sets(loaded, 10_000)),
+            "ov_profile_64_articles": ov_profile(ov_model, sets["article"][:64], pad, threads),
+        }
+
+
+def markdown(r: dict[str, Any]) -> list[str]:
+    regimes = list(r["texts_per_s"])
+    names = list(r["texts_per_s"][regimes[0]])
+    lines = ["| graph | " + " | ".join(regimes) + " | labels = fp32 (headlines, articles) | max prob diff |"]
+    lines.append("|---|" + "---|" * (len(regimes) + 2))
+    for n in names:
+        a = r["agreement"][n]
+        lines.append(
+            f"| {n} | "
+            + " | ".join(str(r["texts_per_s"][k][n]) for k in regimes)
+            + f" | {a['headline']['labels_agree_pct']}%, {a['article']['labels_agree_pct']}% "
+            + f"| {a['headline']['max_prob_diff']}, {a['article']['max_prob_diff']} |"
+        )
+    lines += ["", "OpenVINO int8, 64 articles, per op:", "", "| op | kernel | calls | ms |", "|---|---|---|---|"]
+    lines += [f"| {p['op']} | {p['kernel']} | {p['calls']} | {p['ms']} |" for p in r["ov_profile_64_articles"]]
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/bbc-news-minilm-moe")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--texts", type=int, default=128, help="test texts timed per set")
+    p.add_argument("--json")
+    args = p.parse_args()
+    r = run(Path(args.model), args.threads, args.texts)
+    print("\n".join(markdown(r)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
