@@ -219,6 +219,7 @@ def run(loaded: LoadedModel, cfg: dict[str, Any], threads: int, out_dir: Path, s
         result = compare(loaded, cfg["n_texts"], cfg["repeats"], threads, work)
         if not skip_served:
             result["served"] = served_rows(loaded, cfg, threads, work, out_dir)
+            result["served_ratios"] = served_ratios(result["served"])
     return result
 
 
@@ -305,4 +306,37 @@ def served_markdown(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['server']} | {r['texts']} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} "
             f"| {r['errors']} | {each} | {vs} |"
         )
+    return lines + served_ratio_markdown(served_ratios(rows))
+
+
+def served_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """moe-serve / each dense server, per text set: req/s at the most connections and p50 alone (theirs / ours),
+    so above 1 is moe-serve ahead in both; keyed e.g. `headline_c64_rps`, `headline_c1_p50`."""
+    ours = {(r["texts"], r["concurrency"]): r for r in rows if r["server"] == "moe-serve"}
+    most = {t: max(c for tt, c in ours if tt == t) for t, _ in ours}
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        mine = ours.get((r["texts"], r["concurrency"]))
+        if r["server"] == "moe-serve" or mine is None:
+            continue
+        if r["concurrency"] == most[r["texts"]]:
+            out.setdefault(r["server"], {})[f"{r['texts']}_c{r['concurrency']}_rps"] = round(mine["rps"] / r["rps"], 2)
+        if r["concurrency"] == 1:
+            out.setdefault(r["server"], {})[f"{r['texts']}_c1_p50"] = round(r["p50_ms"] / mine["p50_ms"], 2)
+    return out
+
+
+def served_ratio_markdown(ratios: dict[str, dict[str, float]]) -> list[str]:
+    if not ratios:
+        return []
+    keys = sorted({k for v in ratios.values() for k in v}, key=lambda k: (not k.startswith("headline"), k))
+    lines = [
+        "",
+        "| moe-serve / dense server (req/s at the most connections; p50 at 1: theirs / ours) | "
+        + " | ".join(keys)
+        + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for server, v in ratios.items():
+        lines.append(f"| {server} | " + " | ".join(f"{v[k]}x" if k in v else "" for k in keys) + " |")
     return lines
