@@ -88,7 +88,8 @@ def main() -> int:
             export_model(args.model, int8=True)
         graphs = {f"MoE {args.precision}": moe_graph}
         if base := loaded.folder.training.get("base"):
-            graphs[f"dense-ort {args.precision}"] = build(base, len(loaded.folder.labels), work)[args.precision]
+            name = f"dense-ort {args.precision}"
+            graphs[name] = build(base, len(loaded.folder.labels), work)[name]
         out = {
             case: {name: profile(g, seqs, loaded.tokenizer.pad_id) for name, g in graphs.items()}
             for case, seqs in cases.items()

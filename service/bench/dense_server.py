@@ -1,6 +1,7 @@
-"""The dense yardstick served: a fused dense ONNX graph (service/bench/dense_yardstick.py) behind the small batching
-FastAPI server a user would write without this project: requests queue, one worker thread takes up to 64 of them,
-or whatever came within 5 ms, tokenizes, pads and runs them as one batch.
+"""The dense yardstick served: a yardstick graph (service/bench/dense_yardstick.py: ORT's fused ONNX graph or
+OpenVINO's int8 IR, told apart by the file) behind the small batching FastAPI server a user would write without this
+project: requests queue, one worker thread takes up to 64 of them, or whatever came within 5 ms, tokenizes, pads and
+runs them as one batch.
 
 Started by `python -m service.bench.dense_server GRAPH TOKENIZER MAX_LENGTH PORT THREADS`; the bench drives it with
 the same wrk load and bodies (`{"inputs": text}`) as moe-serve.
@@ -53,11 +54,11 @@ def _worker(q: queue.Queue, graph: Any, tokenizer: Any, max_length: int) -> None
 
 
 def dense_app(graph_path: str, tokenizer_path: str, max_length: int, threads: int) -> FastAPI:
-    from service.bench.dense_yardstick import DenseGraph
+    from service.bench.dense_yardstick import load_graph
     from service.modeling.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer.from_file(tokenizer_path)
-    graph = DenseGraph(graph_path, tokenizer.pad_id, threads)
+    graph = load_graph(graph_path, tokenizer.pad_id, threads)
     q: queue.Queue = queue.Queue()
     threading.Thread(target=_worker, args=(q, graph, tokenizer, max_length), daemon=True).start()
 

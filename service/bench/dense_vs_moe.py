@@ -9,7 +9,11 @@ batch 64 (sorted by length, as the batcher cuts them). The rows:
   MoEfied model this is exactly its dense original (the conversion tests prove it), in the same code and precision;
 - `dense-ort`: the dense base (config `training.base`) as a user would deploy it without this project, HF
   transformers exported to ONNX and fused by ONNX Runtime's transformer optimizer, fp32 and int8
-  (service/bench/dense_yardstick.py).
+  (service/bench/dense_yardstick.py);
+- `dense-ov`: the same export through OpenVINO with static int8 (NNCF, calibrated on validation texts; bf16
+  elsewhere where the CPU has it: service/bench/dense_openvino.py).
+
+The MoE is judged against the best dense row of any runtime, per regime.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import orjson
 
 from service.backends import load_backend
 from service.bench.backends import available, length_sorted_batches
+from service.bench.dense_yardstick import YARDSTICKS
 from service.modeling.artifacts import LoadedModel
 from service.modeling.layout import CONFIG_FILE, TOKENIZER_FILE
 
@@ -102,21 +107,26 @@ def variant_rows(kind: str, folder: Path, sets: dict[str, list[list[int]]], repe
 def dense_rows(
     loaded: LoadedModel, sets: dict[str, list[list[int]]], repeats: int, threads: int, graphs: dict[str, Path]
 ) -> list:
-    from service.bench.dense_yardstick import DenseGraph
+    from service.bench.dense_yardstick import BY_NAME, load_graph
 
     rows = []
-    for precision, graph in graphs.items():
-        g = DenseGraph(graph, loaded.tokenizer.pad_id, threads)
-        rows.append({**time_row("dense-ort", precision, g.forward, sets, repeats), "backend": "onnx"})
+    for name, graph in graphs.items():
+        y, g = BY_NAME[name], load_graph(graph, loaded.tokenizer.pad_id, threads)
+        rows.append({**time_row(y.model, y.precision, g.forward, sets, repeats), "backend": y.backend})
     return rows
 
 
 def dense_graphs(loaded: LoadedModel, work: Path) -> dict[str, Path]:
-    """The dense yardstick graphs of the folder's base (none for a model trained from scratch)."""
+    """The dense yardstick graphs of the folder's base (none for a model trained from scratch); OpenVINO's static
+    int8 calibrated on validation articles and their headlines (as `--choose` times: served traffic brings both)."""
+    from service.bench.backends import choice_texts
     from service.bench.dense_yardstick import build
 
     base = loaded.folder.training.get("base")
-    return build(base, len(loaded.folder.labels), work / "dense") if base else {}
+    if not base:
+        return {}
+    calibration = choice_texts(loaded, "validation", 64)
+    return build(base, len(loaded.folder.labels), work / "dense", calibration, loaded.tokenizer.pad_id)
 
 
 def compare(loaded: LoadedModel, n_texts: int, repeats: int, threads: int, work: Path) -> dict[str, Any]:
@@ -153,8 +163,8 @@ def served_rows(
     # window of a long text, about 2.4x the tokens of a bbc-news article: README, Long texts).
     bodies = {k: [orjson.dumps({"inputs": t, "long_text": "truncate"}) for t in v] for k, v in texts.items()}
     servers = {"moe-serve": lambda log: served.start_server("moe-serve", loaded.folder.path, threads, log)}
-    for precision, graph in dense_graphs_in(work).items():
-        servers[f"dense-ort {precision}"] = functools.partial(_dense_server, graph, loaded, threads)
+    for name, graph in dense_graphs_in(work).items():
+        servers[name] = functools.partial(_dense_server, graph, loaded, threads)
     rows = []
     for name, start in servers.items():
         with start(out_dir / f"{name.replace(' ', '-')}.log") as url:
@@ -172,9 +182,10 @@ def served_rows(
 
 
 def dense_graphs_in(work: Path) -> dict[str, Path]:
-    """The yardstick graphs `compare` built (none for a model trained from scratch)."""
-    graphs = {p: work / "dense" / f"dense.{p}.onnx" for p in ("fp32", "int8")}
-    return {p: g for p, g in graphs.items() if g.is_file()}
+    """The yardstick graphs `compare` built, by name (none for a model trained from scratch)."""
+    from service.bench.dense_yardstick import built
+
+    return built(work / "dense")
 
 
 def _dense_server(graph: Path, loaded: LoadedModel, threads: int, log_path: Path) -> Any:
@@ -208,6 +219,7 @@ def run(loaded: LoadedModel, cfg: dict[str, Any], threads: int, out_dir: Path, s
         result = compare(loaded, cfg["n_texts"], cfg["repeats"], threads, work)
         if not skip_served:
             result["served"] = served_rows(loaded, cfg, threads, work, out_dir)
+            result["served_ratios"] = served_ratios(result["served"])
     return result
 
 
@@ -216,28 +228,30 @@ def _mean_tokens(sets: dict[str, list[list[int]]]) -> dict[str, float]:
 
 
 REGIMES = tuple(f"{t}_b{b}" for t in ("headline", "article") for b in BATCHES)
+DENSE_MODELS = frozenset(y.model for y in YARDSTICKS)
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per precision, MoE / all-experts; and the best MoE against the best dense-ort, per regime."""
+    """Per precision, MoE / all-experts; and the best MoE against the best dense yardstick of any runtime, per
+    regime (naming the rows that won)."""
 
     def pick(kind: str, backend: str, precision: str) -> dict | None:
         return next((r for r in rows if (r["model"], r["backend"], r["precision"]) == (kind, backend, precision)), None)
 
-    out: dict[str, Any] = {"moe_vs_all_experts": {}, "best_moe_vs_best_dense_ort": {}}
+    out: dict[str, Any] = {"moe_vs_all_experts": {}, "best_moe_vs_best_dense": {}}
     for r in rows:
         if r["model"] == "moe" and (d := pick("all-experts", r["backend"], r["precision"])):
             out["moe_vs_all_experts"][f"{r['backend']} {r['precision']}"] = {k: round(r[k] / d[k], 2) for k in REGIMES}
-    dense = [r for r in rows if r["model"] == "dense-ort"]
+    dense = [r for r in rows if r["model"] in DENSE_MODELS]
     moe = [r for r in rows if r["model"] == "moe"]
     if dense and moe:
         for k in REGIMES:
             best_moe = max(moe, key=lambda r: r[k])
             best_dense = max(dense, key=lambda r: r[k])
-            out["best_moe_vs_best_dense_ort"][k] = {
+            out["best_moe_vs_best_dense"][k] = {
                 "ratio": round(best_moe[k] / best_dense[k], 2),
                 "moe": f"{best_moe['backend']} {best_moe['precision']}",
-                "dense": f"dense-ort {best_dense['precision']}",
+                "dense": f"{best_dense['model']} {best_dense['precision']}",
             }
     return out
 
@@ -262,10 +276,10 @@ def markdown(r: dict[str, Any]) -> list[str]:
     lines += ["", "| ratio | " + " | ".join(REGIMES) + " |", "|---|" + "---|" * len(REGIMES)]
     for name, v in r["ratios"]["moe_vs_all_experts"].items():
         lines.append(f"| MoE / all experts, {name} | " + " | ".join(f"{v[k]}x" for k in REGIMES) + " |")
-    best = r["ratios"]["best_moe_vs_best_dense_ort"]
+    best = r["ratios"]["best_moe_vs_best_dense"]
     if best:
         lines.append(
-            "| best MoE / best dense-ort | "
+            "| best MoE / best dense | "
             + " | ".join(f"{best[k]['ratio']}x ({best[k]['moe']} / {best[k]['dense']})" for k in REGIMES)
             + " |"
         )
@@ -292,4 +306,37 @@ def served_markdown(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['server']} | {r['texts']} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} "
             f"| {r['errors']} | {each} | {vs} |"
         )
+    return lines + served_ratio_markdown(served_ratios(rows))
+
+
+def served_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """moe-serve / each dense server, per text set: req/s at the most connections and p50 alone (theirs / ours),
+    so above 1 is moe-serve ahead in both; keyed e.g. `headline_c64_rps`, `headline_c1_p50`."""
+    ours = {(r["texts"], r["concurrency"]): r for r in rows if r["server"] == "moe-serve"}
+    most = {t: max(c for tt, c in ours if tt == t) for t, _ in ours}
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        mine = ours.get((r["texts"], r["concurrency"]))
+        if r["server"] == "moe-serve" or mine is None:
+            continue
+        if r["concurrency"] == most[r["texts"]]:
+            out.setdefault(r["server"], {})[f"{r['texts']}_c{r['concurrency']}_rps"] = round(mine["rps"] / r["rps"], 2)
+        if r["concurrency"] == 1:
+            out.setdefault(r["server"], {})[f"{r['texts']}_c1_p50"] = round(r["p50_ms"] / mine["p50_ms"], 2)
+    return out
+
+
+def served_ratio_markdown(ratios: dict[str, dict[str, float]]) -> list[str]:
+    if not ratios:
+        return []
+    keys = sorted({k for v in ratios.values() for k in v}, key=lambda k: (not k.startswith("headline"), k))
+    lines = [
+        "",
+        "| moe-serve / dense server (req/s at the most connections; p50 at 1: theirs / ours) | "
+        + " | ".join(keys)
+        + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for server, v in ratios.items():
+        lines.append(f"| {server} | " + " | ".join(f"{v[k]}x" if k in v else "" for k in keys) + " |")
     return lines

@@ -4,14 +4,17 @@ The base encoder (e.g. all-MiniLM-L6-v2) with masked mean pooling and a linear h
 HF `transformers`, exported to ONNX, fused by ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm,
 BiasGelu, EmbedLayerNorm) and, for int8, dynamically quantised after fusion (QAttention, int8 MatMuls). This is the
 graph a user replacing a dense MiniLM with the MoE would otherwise deploy; the bench times it on the same texts as
-the MoE. Its head is untrained (seeded): it is a timing yardstick, and the dense accuracy figures come from
-`make compare-models`.
+the MoE. The same export also goes through OpenVINO with static int8 (service/bench/dense_openvino.py), the fastest
+dense runtime measured on the project's machine. Its head is untrained (seeded): it is a timing yardstick, and the
+dense accuracy figures come from `make compare-models`.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +24,29 @@ from service.modeling.bert import resolve_base
 from service.modeling.tokenizer import pad_ids
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class Yardstick:
+    """One dense yardstick: its bench row (model, backend, precision) and its file in the build folder."""
+
+    model: str
+    backend: str
+    precision: str
+    file: str
+
+    @property
+    def name(self) -> str:
+        """The row's and its server's name, e.g. "dense-ov int8"."""
+        return f"{self.model} {self.precision}"
+
+
+YARDSTICKS = (
+    Yardstick("dense-ort", "onnx", "fp32", "dense.fp32.onnx"),
+    Yardstick("dense-ort", "onnx", "int8", "dense.int8.onnx"),
+    Yardstick("dense-ov", "openvino", "int8", "dense.ov-int8.xml"),
+)
+BY_NAME = {y.name: y for y in YARDSTICKS}
 
 
 class _MeanPooledClassifier(nn.Module):
@@ -61,28 +86,56 @@ def _export(base: Path, num_labels: int, path: Path) -> tuple[int, int]:
     return encoder.config.num_attention_heads, encoder.config.hidden_size
 
 
-def build(base: str | Path, num_labels: int, out_dir: Path) -> dict[str, Path]:
-    """precision -> the fused dense graph, written into out_dir (fp32, then int8 quantised after fusion)."""
+def build(
+    base: str | Path, num_labels: int, out_dir: Path, calibration: list[list[int]] | None = None, pad_id: int = 0
+) -> dict[str, Path]:
+    """Yardstick name -> its graph, written into out_dir: the ORT graphs (fp32 fused, then int8 quantised after
+    fusion) and, given calibration token ids, the OpenVINO static int8 IR of the same raw export."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "dense.raw.onnx"
+    heads, hidden = _export(resolve_base(base), num_labels, raw)
+    graphs = _ort_graphs(raw, heads, hidden, out_dir)
+    if calibration:
+        from service.bench.dense_openvino import quantize_int8
+
+        ov_int8 = BY_NAME["dense-ov int8"]
+        graphs[ov_int8.name] = quantize_int8(raw, calibration, pad_id, out_dir / ov_int8.file)
+    raw.unlink(missing_ok=True)
+    return graphs
+
+
+def _ort_graphs(raw: Path, heads: int, hidden: int, out_dir: Path) -> dict[str, Path]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / "dense.raw.onnx"
-    heads, hidden = _export(resolve_base(base), num_labels, raw)
     fused = optimize_model(str(raw), model_type="bert", num_heads=heads, hidden_size=hidden)
     log.info("dense yardstick fusions: %s", fused.get_fused_operator_statistics())
-    graphs = {"fp32": out_dir / "dense.fp32.onnx", "int8": out_dir / "dense.int8.onnx"}
-    fused.save_model_to_file(str(graphs["fp32"]))
+    fp32, int8 = BY_NAME["dense-ort fp32"], BY_NAME["dense-ort int8"]
+    graphs = {fp32.name: out_dir / fp32.file, int8.name: out_dir / int8.file}
+    fused.save_model_to_file(str(graphs[fp32.name]))
     # Fused contrib ops carry no inferred output types: tell the quantiser they are fp32.
     quantize_dynamic(
-        str(graphs["fp32"]),
-        str(graphs["int8"]),
+        str(graphs[fp32.name]),
+        str(graphs[int8.name]),
         weight_type=QuantType.QInt8,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
-    raw.unlink(missing_ok=True)
     return graphs
+
+
+def built(out_dir: Path) -> dict[str, Path]:
+    """The yardstick graphs `build` wrote into out_dir, by name."""
+    return {y.name: out_dir / y.file for y in YARDSTICKS if (out_dir / y.file).is_file()}
+
+
+def load_graph(graph: Path, pad_id: int = 0, threads: int | None = None) -> Any:
+    """The runner of a yardstick file (forward(sequences) -> logits): OpenVINO for IR (.xml), ORT for .onnx."""
+    if Path(graph).suffix == ".xml":
+        from service.bench.dense_openvino import OpenVINOGraph
+
+        return OpenVINOGraph(graph, pad_id, threads)
+    return DenseGraph(graph, pad_id, threads)
 
 
 class DenseGraph:
