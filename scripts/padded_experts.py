@@ -22,13 +22,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from static_int8 import calibration, ort_forward, ov_forward, ov_nncf, texts_per_s
 
 from service.bench.backends import length_sorted_batches
 from service.bench.dense_vs_moe import text_sets
 from service.modeling import onnx_export
 from service.modeling.artifacts import load_model
 from service.modeling.moe import MoEFeedForward, RouterOutput, combine_weights
+
+try:
+    from scripts.static_int8 import ort_forward, ov_forward, ov_nncf, texts_per_s
+except ModuleNotFoundError:  # run as a file, scripts/ is the import root
+    from static_int8 import ort_forward, ov_forward, ov_nncf, texts_per_s  # type: ignore[no-redef]
 
 TOLERANCE = 1e-4  # padded against the served graph, fp32 logits
 
@@ -62,7 +66,6 @@ class _PaddedGraphModel(onnx_export._GraphModel):
 def run(folder: Path, threads: int, n_texts: int) -> dict[str, Any]:
     loaded = load_model(folder)
     pad = loaded.tokenizer.pad_id
-    items = calibration(loaded)
     sets = text_sets(loaded, n_texts)
     forwards = {}
     with tempfile.TemporaryDirectory(prefix="padded-experts-") as tmp:
@@ -72,8 +75,8 @@ def run(folder: Path, threads: int, n_texts: int) -> dict[str, Any]:
             built = onnx_export.build_graphs(loaded.model, work, False, graph_model)
             forwards[f"{name}, onnxruntime fp32"] = ort_forward(built["fp32"], pad, threads)
             raw = work / "raw.onnx"
-            forwards[f"{name}, openvino bf16"] = ov_forward(str(raw), pad, threads)
-            forwards[f"{name}, openvino nncf int8"] = ov_forward(ov_nncf(raw, items), pad, threads)
+            forwards[f"{name}, openvino bf16"] = ov_forward(raw, pad, threads)
+            forwards[f"{name}, openvino nncf int8"] = ov_forward(ov_nncf(raw, loaded, work / "ov.xml"), pad, threads)
         check = length_sorted_batches(sets["article"], 16)[0]
         padded, loop = (forwards[f"{n}, onnxruntime fp32"](check) for n in ("padded", "loop"))
         diff = float(np.abs(padded - loop).max())

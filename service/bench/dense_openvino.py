@@ -17,8 +17,11 @@ from service.modeling.tokenizer import pad_ids
 CALIBRATION_BATCH = 8  # texts per calibration item: padded as a served batch is, so padding is in the statistics
 
 
-def quantize_int8(raw: Path, calibration: list[list[int]], pad_id: int, out: Path) -> Path:
-    """The raw export quantised with NNCF (one pass over every calibration batch), saved as IR at out (.xml/.bin)."""
+def quantize_int8(
+    raw: Path, calibration: list[list[int]], pad_id: int, out: Path, keep_float: tuple[str, ...] = ()
+) -> Path:
+    """The raw export quantised with NNCF (one pass over every calibration batch), saved as IR at out (.xml/.bin).
+    keep_float: node-name patterns NNCF leaves unquantised (scripts/static_int8.py keeps the MoE's routers fp32)."""
     import nncf
     import openvino as ov
 
@@ -27,7 +30,13 @@ def quantize_int8(raw: Path, calibration: list[list[int]], pad_id: int, out: Pat
     for i in range(0, len(calibration), CALIBRATION_BATCH):
         ids, mask = pad_ids(calibration[i : i + CALIBRATION_BATCH], pad_id)
         items.append({"input_ids": ids, "attention_mask": mask})
-    quantized = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(items),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(items),
+        ignored_scope=nncf.IgnoredScope(patterns=list(keep_float), validate=False),
+    )
     # Float constants kept fp32 in the file: the runtime's precision hint alone decides what runs in bf16.
     ov.save_model(quantized, str(out), compress_to_fp16=False)
     return out
@@ -39,7 +48,9 @@ class OpenVINOGraph:
     bf16=None follows the CPU: bf16 where OpenVINO reports it (AVX512_BF16 or AMX), f32 elsewhere; tests pass
     False to compare an unquantised graph with the fp32 reference."""
 
-    def __init__(self, graph: Path, pad_id: int = 0, threads: int | None = None, bf16: bool | None = None) -> None:
+    def __init__(
+        self, graph: Path, pad_id: int = 0, threads: int | None = None, bf16: bool | None = None, profile: bool = False
+    ) -> None:
         import openvino as ov
 
         core = ov.Core()
@@ -49,6 +60,8 @@ class OpenVINOGraph:
         config["PERFORMANCE_HINT"] = "LATENCY"  # one request at a time, every thread on it (as the bench calls)
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        if profile:
+            config["PERF_COUNT"] = True  # per-node times for op_times()
         self.request = core.compile_model(core.read_model(str(graph)), "CPU", config).create_infer_request()
         self.pad_id = pad_id
 
@@ -56,3 +69,12 @@ class OpenVINOGraph:
         ids, mask = pad_ids(sequences, self.pad_id)
         self.request.infer({"input_ids": ids, "attention_mask": mask})
         return self.request.get_output_tensor(0).data.copy()  # the request reuses its output buffer
+
+    def op_times(self) -> dict[tuple[str, str], tuple[int, float]]:
+        """After a forward (compiled with profile=True): (op, kernel) -> (nodes run, ms), OpenVINO's own counters."""
+        out: dict[tuple[str, str], tuple[int, float]] = {}
+        for p in self.request.get_profiling_info():
+            if p.status == p.Status.EXECUTED:
+                n, ms = out.get((p.node_type, p.exec_type), (0, 0.0))
+                out[(p.node_type, p.exec_type)] = (n + 1, ms + p.real_time.total_seconds() * 1e3)
+        return out
