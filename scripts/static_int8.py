@@ -11,8 +11,8 @@ same texts, with the fp32 graph as the accuracy reference:
 
 Prints texts/s for headlines and articles at batch 1 and 64 (median of 5 interleaved rounds), label agreement and
 the largest probability difference against fp32 on the test split, and OpenVINO's own per-op profile of a lone
-headline and of 64 articles (where the sparse graph's time goes in that runtime). Needs the `load` extra
-(openvino, nncf).
+headline and of 64 articles, the MoE's beside the bench's dense-ov yardstick (where the sparse graph's time goes in
+that runtime). Needs the `load` extra (openvino, nncf).
 
     .venv/bin/python scripts/static_int8.py --model models/bbc-news-minilm-moe --json docs/bench/static-int8.json
 """
@@ -178,11 +178,26 @@ def run(folder: Path, threads: int, n_texts: int) -> dict[str, Any]:
             "machine": {**machine(), **versions, "threads": threads},
             "texts_per_s": speed,
             "agreement": agreement(forwards, text_sets(loaded, 10_000)),
-            "ov_profile": {
-                "a lone headline": ov_profile(ov_model, sets["headline"][:1], pad, threads),
-                "64 articles": ov_profile(ov_model, sets["article"][:64], pad, threads),
-            },
+            "ov_profile": profiles({"MoE": ov_model, "dense": dense_ov(loaded, work)}, sets, pad, threads),
         }
+
+
+def dense_ov(loaded: LoadedModel, work: Path) -> Path:
+    """The bench's dense-ov yardstick (the folder's base, NNCF int8), for its profile beside the MoE's."""
+    from service.bench.dense_yardstick import build
+
+    calibration = choice_texts(loaded, "validation", 64)
+    built = build(loaded.folder.training["base"], len(loaded.folder.labels), work / "dense", calibration, 0)
+    return built["dense-ov int8"]
+
+
+def profiles(graphs: dict[str, Path], sets: dict[str, list[list[int]]], pad: int, threads: int) -> dict[str, Any]:
+    cases = {"a lone headline": sets["headline"][:1], "64 articles": sets["article"][:64]}
+    return {
+        f"{g}, {case}": ov_profile(path, seqs, pad, threads)
+        for case, seqs in cases.items()
+        for g, path in graphs.items()
+    }
 
 
 def markdown(r: dict[str, Any]) -> list[str]:
@@ -199,7 +214,7 @@ def markdown(r: dict[str, Any]) -> list[str]:
             + f"| {a['headline']['max_prob_diff']}, {a['article']['max_prob_diff']} |"
         )
     for case, ops in r["ov_profile"].items():
-        lines += ["", f"OpenVINO int8, {case}, per op:", "", "| op | kernel | calls | ms |", "|---|---|---|---|"]
+        lines += ["", f"OpenVINO int8 ({case}), per op:", "", "| op | kernel | calls | ms |", "|---|---|---|---|"]
         lines += [f"| {p['op']} | {p['kernel']} | {p['calls']} | {p['ms']} |" for p in ops]
     return lines
 
