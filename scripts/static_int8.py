@@ -12,7 +12,7 @@ same texts, with the fp32 graph as the accuracy reference:
 Prints texts/s for headlines and articles at batch 1 and 64 (median of 5 interleaved rounds), label agreement and
 the largest probability difference against fp32 on the test split, and OpenVINO's own per-op profile of a lone
 headline and of 64 articles, the MoE's beside the bench's dense-ov yardstick (where the sparse graph's time goes in
-that runtime). Needs the `load` extra (openvino, nncf).
+that runtime). Needs the `openvino` extra.
 
     .venv/bin/python scripts/static_int8.py --model models/bbc-news-minilm-moe --json docs/bench/static-int8.json
 """
@@ -42,8 +42,11 @@ Forward = Callable[[list[list[int]]], np.ndarray]
 
 
 def calibration(loaded: LoadedModel) -> list[dict[str, np.ndarray]]:
+    """The batches NNCF calibrates on (service/bench/dense_openvino.py), for ONNX Runtime's calibration reader."""
+    from service.bench.dense_openvino import CALIBRATION_BATCH as N
+
     seqs = choice_texts(loaded, "validation", 64)
-    return [feed(seqs[i : i + 8], loaded.tokenizer.pad_id) for i in range(0, len(seqs), 8)]
+    return [feed(seqs[i : i + N], loaded.tokenizer.pad_id) for i in range(0, len(seqs), N)]
 
 
 def feed(seqs: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
@@ -168,14 +171,10 @@ def run(folder: Path, threads: int, n_texts: int) -> dict[str, Any]:
         for kind, seqs in sets.items():
             speed[f"{kind}_b1"] = texts_per_s(forwards, [[s] for s in seqs[:64]])
             speed[f"{kind}_b64"] = texts_per_s(forwards, length_sorted_batches(seqs, 64))
-        import onnxruntime
-        import openvino
-
         from service.bench.run import machine
 
-        versions = {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}
         return {
-            "machine": {**machine(), **versions, "threads": threads},
+            "machine": {**machine(), "threads": threads},
             "texts_per_s": speed,
             "agreement": agreement(forwards, text_sets(loaded, 10_000)),
             "ov_profile": profiles({"MoE": ov_model, "dense": dense_ov(loaded, work)}, sets, pad, threads),
@@ -184,15 +183,14 @@ def run(folder: Path, threads: int, n_texts: int) -> dict[str, Any]:
 
 def dense_ov(loaded: LoadedModel, work: Path) -> Path:
     """The bench's dense-ov yardstick (the folder's base, NNCF int8), for its profile beside the MoE's."""
-    from service.bench.dense_yardstick import build
+    from service.bench.dense_vs_moe import dense_graphs
 
-    calibration = choice_texts(loaded, "validation", 64)
-    built = build(loaded.folder.training["base"], len(loaded.folder.labels), work / "dense", calibration, 0)
-    return built["dense-ov int8"]
+    return dense_graphs(loaded, work)["dense-ov int8"]
 
 
 def profiles(graphs: dict[str, Path], sets: dict[str, list[list[int]]], pad: int, threads: int) -> dict[str, Any]:
-    cases = {"a lone headline": sets["headline"][:1], "64 articles": sets["article"][:64]}
+    articles = sets["article"][:64]
+    cases = {"a lone headline": sets["headline"][:1], f"{len(articles)} articles": articles}
     return {
         f"{g}, {case}": ov_profile(path, seqs, pad, threads)
         for case, seqs in cases.items()

@@ -62,7 +62,21 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        **runtime_versions(),
     }
+
+
+def runtime_versions() -> dict[str, str]:
+    """The installed versions of the runtimes the bench times (the OpenVINO pair only with the `openvino` extra)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("onnxruntime", "openvino", "nncf"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = False) -> dict[str, Any]:

@@ -58,6 +58,7 @@ def test_dense_yardstick_is_the_base_with_fused_attention(dense_graphs: dict[str
 def test_openvino_runs_the_same_export(tiny_bert_moe_dir: Path, tmp_path: Path) -> None:
     """The raw export the OpenVINO yardstick is quantised from, read and run by OpenVINO in f32 (padded batches,
     one call): transformers' logits within 1e-4."""
+    pytest.importorskip("openvino", reason="the `openvino` extra")
     loaded = load_model(tiny_bert_moe_dir)
     base = Path(loaded.folder.training["base"])
     _export(base, len(loaded.folder.labels), tmp_path / "raw.onnx")
@@ -73,6 +74,7 @@ def test_openvino_int8_yardstick(dense_graphs: dict[str, Path], tiny_bert_moe_di
     twice that; the yardstick's head is untrained, so a text's top two logits may be a near-tie that any rounding
     swaps (none was here, the smallest margin 0.30): every label that differs must be such a near-tie (reference
     margin < 0.1), and at most 1 in 8 may differ."""
+    pytest.importorskip("nncf", reason="the `openvino` extra")
     import openvino as ov
 
     ops = [o for o in ov.Core().read_model(str(dense_graphs["dense-ov int8"])).get_ordered_ops()]

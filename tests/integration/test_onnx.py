@@ -195,6 +195,7 @@ def test_padded_experts_graph_matches_torch(onnx_models_dir: Path, tmp_path: Pat
     """The capacity-padded route (scripts/padded_experts.py: every expert in one batched GEMM pair per layer), the
     graph its figures time: fp32 within 1e-4 of torch fp32, routing identical; NNCF's static int8 of the same graph
     in OpenVINO (scripts/static_int8.py's build) judged as the dynamic int8 graph is."""
+    pytest.importorskip("nncf", reason="the `openvino` extra")
     from scripts.padded_experts import _PaddedGraphModel
     from scripts.static_int8 import ov_forward, ov_nncf
     from service.bench.dense_yardstick import DenseGraph
@@ -208,13 +209,14 @@ def test_padded_experts_graph_matches_torch(onnx_models_dir: Path, tmp_path: Pat
     ref = torch_b.forward(seqs, return_routing=True)
     assert ref.routing is not None
     loaded = load_model(folder)
-    built = onnx_export.build_graphs(loaded.model, tmp_path, False, _PaddedGraphModel)
+    raw = onnx_export.export_graph(loaded.model, tmp_path / "raw.onnx", _PaddedGraphModel)
+    fp32 = onnx_export.optimise(raw, tmp_path / "fp32.onnx")
     ids, mask = pad_ids(seqs, torch_b.pad_id)
-    logits, *routes = DenseGraph(built["fp32"]).session.run(None, {"input_ids": ids, "attention_mask": mask})
+    logits, *routes = DenseGraph(fp32).session.run(None, {"input_ids": ids, "attention_mask": mask})
     np.testing.assert_allclose(_softmax(logits), _softmax(ref.logits), atol=TOL, rtol=0)
     for experts, r in zip(routes[0::2], ref.routing, strict=True):
         np.testing.assert_array_equal(experts, r.expert_ids)
-    int8 = ov_forward(ov_nncf(tmp_path / "raw.onnx", loaded, tmp_path / "ov.xml"), torch_b.pad_id, 1)(seqs)
+    int8 = ov_forward(ov_nncf(raw, loaded, tmp_path / "ov.xml"), torch_b.pad_id, 1)(seqs)
     got, want = _softmax(int8), _softmax(ref.logits)
     assert np.abs(got - want).max() < 0.15 and (got.argmax(1) == want.argmax(1)).mean() >= 0.85
 
