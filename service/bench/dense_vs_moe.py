@@ -294,35 +294,42 @@ def served_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "| server | texts | connections | req/s | p50 ms | p99 ms | errors | req/s, each run | moe-serve / this |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    ours = {(r["texts"], r["concurrency"]): r for r in rows if r["server"] == "moe-serve"}
+    vs = {id(theirs): _ratio(mine, theirs) for theirs, mine in _against_moe_serve(rows)}
     for r in rows:
-        mine = ours.get((r["texts"], r["concurrency"]))
-        # throughput ratio at many connections, latency ratio (theirs / ours) alone: above 1 means moe-serve wins
-        vs = ""
-        if mine and r["server"] != "moe-serve":
-            vs = f"{mine['rps'] / r['rps']:.2f}x req/s, {r['p50_ms'] / mine['p50_ms']:.2f}x p50"
         each = ", ".join(str(x) for x in r["rps_all_runs"])
+        ratio = f"{vs[id(r)][0]:.2f}x req/s, {vs[id(r)][1]:.2f}x p50" if id(r) in vs else ""
         lines.append(
             f"| {r['server']} | {r['texts']} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} "
-            f"| {r['errors']} | {each} | {vs} |"
+            f"| {r['errors']} | {each} | {ratio} |"
         )
     return lines + served_ratio_markdown(served_ratios(rows))
+
+
+def _against_moe_serve(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(dense server row, moe-serve's row at the same texts and connections), for every dense row that has one."""
+    ours = {(r["texts"], r["concurrency"]): r for r in rows if r["server"] == "moe-serve"}
+    pairs = [(r, ours.get((r["texts"], r["concurrency"]))) for r in rows if r["server"] != "moe-serve"]
+    return [(theirs, mine) for theirs, mine in pairs if mine is not None]
+
+
+def _ratio(mine: dict[str, Any], theirs: dict[str, Any]) -> tuple[float, float]:
+    """moe-serve's req/s over theirs, and their p50 over moe-serve's: above 1 means moe-serve is ahead."""
+    return round(mine["rps"] / theirs["rps"], 2), round(theirs["p50_ms"] / mine["p50_ms"], 2)
 
 
 def served_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """moe-serve / each dense server, per text set: req/s at the most connections and p50 alone (theirs / ours),
     so above 1 is moe-serve ahead in both; keyed e.g. `headline_c64_rps`, `headline_c1_p50`."""
-    ours = {(r["texts"], r["concurrency"]): r for r in rows if r["server"] == "moe-serve"}
-    most = {t: max(c for tt, c in ours if tt == t) for t, _ in ours}
+    pairs = _against_moe_serve(rows)
+    most = {t: max(r["concurrency"] for r, _ in pairs if r["texts"] == t) for t in {r["texts"] for r, _ in pairs}}
     out: dict[str, dict[str, float]] = {}
-    for r in rows:
-        mine = ours.get((r["texts"], r["concurrency"]))
-        if r["server"] == "moe-serve" or mine is None:
-            continue
-        if r["concurrency"] == most[r["texts"]]:
-            out.setdefault(r["server"], {})[f"{r['texts']}_c{r['concurrency']}_rps"] = round(mine["rps"] / r["rps"], 2)
-        if r["concurrency"] == 1:
-            out.setdefault(r["server"], {})[f"{r['texts']}_c1_p50"] = round(r["p50_ms"] / mine["p50_ms"], 2)
+    for theirs, mine in pairs:
+        rps, p50 = _ratio(mine, theirs)
+        texts, c = theirs["texts"], theirs["concurrency"]
+        if c == most[texts]:
+            out.setdefault(theirs["server"], {})[f"{texts}_c{c}_rps"] = rps
+        if c == 1:
+            out.setdefault(theirs["server"], {})[f"{texts}_c1_p50"] = p50
     return out
 
 
