@@ -90,12 +90,10 @@ def ov_nncf(raw: Path, loaded: LoadedModel, out: Path) -> Path:
 
 
 def ort_forward(graph: Path, pad_id: int, threads: int) -> Forward:
-    import onnxruntime as ort
+    """The graph's logits through the bench's ONNX Runtime runner (all graph optimisations, `threads` intra-op)."""
+    from service.bench.dense_yardstick import DenseGraph
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
-    return lambda seqs: session.run(None, feed(seqs, pad_id))[0]
+    return DenseGraph(graph, pad_id, threads).forward
 
 
 def ov_forward(graph: Path, pad_id: int, threads: int) -> Forward:
