@@ -133,6 +133,14 @@ def test_missing_graph_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
         load_backend(folder, "cpu", "onnx")
 
 
+def test_onnx_backend_stops_spinning_after_each_run(exported: Path) -> None:
+    """The model process must not keep the API's cores busy between runs (served p50 at 1 connection)."""
+    from service.backends.onnx_backend import FORCE_SPINNING_STOP, OnnxBackend
+
+    backend = OnnxBackend(exported, "int8", threads=2)
+    assert backend.session.get_session_options().get_session_config_entry(FORCE_SPINNING_STOP) == "1"
+
+
 def test_onnx_backend_runs_without_torch(exported: Path) -> None:
     """An ONNX-only deployment needs no torch: loading and running the backend imports none."""
     import subprocess
