@@ -7,7 +7,10 @@ same texts, with the fp32 graph as the accuracy reference:
   validation split (64 headlines and 64 articles, batches of 8), routers kept fp32, as `moe-serve export` keeps them;
 - `ov-nncf`: the exported fp32 graph read by OpenVINO and quantised by NNCF's post-training quantisation (transformer
   preset, the same calibration batches, routers ignored), compiled with bf16 for what stays in floating point where
-  the CPU has AVX512_BF16 / AMX.
+  the CPU has AVX512_BF16 / AMX; and the same with more of the graph kept in floating point (STATIC_KEEPS: the
+  attention, the experts, the first and last blocks), to see whether any static scheme keeps 99% of the labels;
+- OpenVINO without static activations, for comparison: the fp32 graph in bf16 (`ov-bf16`), and int8 weights only
+  (NNCF's weight compression, activations bf16: `ov-int8-weights`).
 
 Prints texts/s for headlines and articles at batch 1 and 64 (median of 5 interleaved rounds), label agreement and
 the largest probability difference against fp32 on the test split, and OpenVINO's own per-op profile of a lone
@@ -81,12 +84,36 @@ def ort_qdq(raw: Path, items: list[dict[str, np.ndarray]], work: Path) -> Path:
     return onnx_export.optimise(qdq, work / "qdq.onnx")
 
 
-def ov_nncf(raw: Path, loaded: LoadedModel, out: Path) -> Path:
-    """The raw graph quantised by NNCF as the bench's dense-ov yardstick is, the routers left fp32."""
+ROUTERS = ".*/router/.*"  # node-name pattern of the MoE's routers, kept fp32 by every int8 route here
+# NNCF static int8 variants by what they keep in floating point besides the routers (patterns over node names).
+STATIC_KEEPS: dict[str, tuple[str, ...]] = {
+    "ov-nncf": (),
+    "ov-nncf, attention float": (".*/attn/.*",),
+    "ov-nncf, experts float": (".*/ffn/.*",),
+    "ov-nncf, blocks 0, 4, 5 float": ("/blocks.0/.*", "/blocks.4/.*", "/blocks.5/.*"),
+}
+
+
+def ov_nncf(raw: Path, loaded: LoadedModel, out: Path, keep: tuple[str, ...] = ()) -> Path:
+    """The raw graph quantised by NNCF as the bench's dense-ov yardstick is, the routers (and `keep`) left fp32."""
     from service.bench.dense_openvino import quantize_int8
 
     calibration = choice_texts(loaded, "validation", 64)
-    return quantize_int8(raw, calibration, loaded.tokenizer.pad_id, out, keep_float=(".*/router/.*",))
+    return quantize_int8(raw, calibration, loaded.tokenizer.pad_id, out, keep_float=(ROUTERS, *keep))
+
+
+def ov_weights_int8(raw: Path, out: Path) -> Path:
+    """int8 weights only (NNCF weight compression, symmetric per channel, routers left fp32); activations stay
+    floating point (bf16 where the CPU has it), so no calibration."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(raw))
+    compressed = nncf.compress_weights(
+        model, mode=nncf.CompressWeightsMode.INT8_SYM, ignored_scope=nncf.IgnoredScope(patterns=[ROUTERS])
+    )
+    ov.save_model(compressed, str(out), compress_to_fp16=False)
+    return out
 
 
 def ort_forward(graph: Path, pad_id: int, threads: int) -> Forward:
@@ -157,12 +184,18 @@ def run(folder: Path, threads: int, n_texts: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="static-int8-") as tmp:
         work = Path(tmp)
         raw = onnx_export.export_graph(loaded.model, work / "raw.onnx")
-        ov_model = ov_nncf(raw, loaded, work / "ov-int8.xml")
+        statics = {
+            name: ov_nncf(raw, loaded, work / f"ov-int8-{i}.xml", keep)
+            for i, (name, keep) in enumerate(STATIC_KEEPS.items())
+        }
+        ov_model = statics["ov-nncf"]
         forwards = {
             "fp32": ort_forward(folder / ONNX_FILE, pad, threads),
             "ort-dynamic (served)": ort_forward(folder / ONNX_INT8_FILE, pad, threads),
             "ort-qdq": ort_forward(ort_qdq(raw, items, work), pad, threads),
-            "ov-nncf": ov_forward(ov_model, pad, threads),
+            **{name: ov_forward(path, pad, threads) for name, path in statics.items()},
+            "ov-bf16": ov_forward(raw, pad, threads),
+            "ov-int8-weights": ov_forward(ov_weights_int8(raw, work / "ov-w8.xml"), pad, threads),
         }
         sets = text_sets(loaded, n_texts)
         speed = {}
