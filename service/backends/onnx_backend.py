@@ -41,9 +41,10 @@ class OnnxBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-        # ORT's pool threads spin after a run by default; in the model process that steals the cores the API process
-        # needs to answer (2 cores: served headlines at 1 connection p50 ~4.7 -> ~2.6 ms, at 64 ~1.1k -> ~1.3k
-        # req/s). Spinning within a run, where it saves wake-ups, stays on: engine throughput is unchanged.
+        # ORT's pool threads spin after a run by default; in the model process that takes the cores the API process
+        # needs (MiniLM, 2 cores: headlines p50 5.2 -> 3.2 ms at 1 connection, 1168 -> 1541 req/s at 64; idle
+        # 0.9 -> 0.06 of a core). Spinning within a run stays on. The cost: a lone request after a pause wakes the
+        # threads (README, "Served: threads that spin").
         opts.add_session_config_entry(FORCE_SPINNING_STOP, "1")
         self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
         outputs = [o.name for o in self.session.get_outputs()]
