@@ -95,17 +95,22 @@ def _export(args: argparse.Namespace) -> int:
 
 def _choose_backend(model_dir: Path, threads: int | None) -> dict:
     """Measure every variant on the model's validation split and record the fastest correct one."""
-    from service.bench.backends import choice_texts, measure_variants, write_choice
+    from service.backends import load_backend
+    from service.bench.backends import choice_texts, choose, measure_budgets, measure_variants, write_choice
     from service.bench.run import machine
+    from service.config import Settings
     from service.modeling.artifacts import load_model
 
     loaded = load_model(model_dir)
     folder = loaded.folder
     texts = choice_texts(loaded, "validation")
     rows = measure_variants(model_dir, texts, "validation", threads=threads)
+    best = choose(rows)
+    backend = load_backend(model_dir, "cpu", best["backend"], threads, best["precision"])
+    budgets = measure_budgets(backend, texts, Settings.model_fields["max_batch_size"].default)
     m = machine()
-    choice = write_choice(model_dir, rows, f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}")
-    return {"model": folder.name, "chosen": choice, "variants": rows}
+    choice = write_choice(model_dir, rows, f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}", budgets)
+    return {"model": folder.name, "chosen": choice, "variants": rows, "budgets": budgets}
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.backends.variants import BACKEND_SETTINGS, PRECISION_SETTINGS, runs_summary
 from service.modeling.windows import LongText, LongTextPolicy
 
+DEFAULT_BATCH_TOKENS = 16384  # where neither the setting nor the model folder gives a budget
+
 # Built from the variant table (a static type checker sees them as Literal of a tuple; pydantic and the CLI read
 # the values).
 BackendSetting = Literal[BACKEND_SETTINGS]  # "auto", "torch", "onnx"
@@ -49,8 +51,11 @@ class Settings(BaseSettings):
         "work then run on two GILs (false: one process, the engine on a thread)",
     )
 
-    max_batch_tokens: int = Field(
-        16384, ge=1, description="token budget of one batch, counted as batch size x longest text (padded)"
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="token budget of one batch, counted as batch size x longest text (padded) (default: the model "
+        f"folder's measured budget on the CPU, config.json serving, else {DEFAULT_BATCH_TOKENS})",
     )
     max_batch_size: int = Field(128, ge=1, description="most texts in one batch")
     max_wait_ms: float = Field(
@@ -130,6 +135,10 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return json.loads(v) if v.strip().startswith("[") else [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    def batch_tokens(self, measured: int | None) -> int:
+        """The token budget per batch in effect: the setting, else the folder's measured one, else the default."""
+        return self.max_batch_tokens or measured or DEFAULT_BATCH_TOKENS
 
     def long_text_policy(self) -> LongTextPolicy:
         return LongTextPolicy(self.long_text, self.chunk_overlap, self.max_windows)

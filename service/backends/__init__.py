@@ -64,6 +64,15 @@ def build_graphs(model_dir: Path, graph: str) -> bool:
     return (model_dir / graph).is_file()
 
 
+def measured_budget(folder: ModelFolder, kind: str, precision: str, device: str) -> int | None:
+    """The folder's token budget per batch, measured by `moe-serve export --choose` on its chosen variant on the
+    CPU: it holds for that variant there only (a GPU wants far bigger batches)."""
+    serving = folder.serving
+    if device_kind(device) != "cpu" or (serving.get("backend"), serving.get("precision")) != (kind, precision):
+        return None
+    return serving.get("max_batch_tokens")
+
+
 def load_backend(
     model_dir: str | Path | ModelFolder,
     device: str = AUTO,
@@ -73,6 +82,12 @@ def load_backend(
 ) -> Backend:
     folder = read_folder(model_dir)  # config.json read once for the whole load
     kind, precision = resolve(folder, kind, precision)
+    backend = _build(folder, device, kind, threads, precision)
+    backend.info.batch_tokens = measured_budget(folder, kind, precision, backend.device)
+    return backend
+
+
+def _build(folder: ModelFolder, device: str, kind: str, threads: int | None, precision: str) -> Backend:
     if kind == "torch":
         from service.backends.torch_backend import TorchBackend, set_threads
 

@@ -34,6 +34,9 @@ class ModelInfo:
     # Multi-task folders: task name -> its labels and temperature, in task-id order (labels above is then empty and
     # temperature 1.0). Single-task folders: empty.
     tasks: dict[str, TaskLabels] = field(default_factory=dict)
+    # Token budget per batch: from load_backend, the folder's measured one where it holds (config.json
+    # serving.max_batch_tokens: its chosen variant, on the CPU) or None; the engine then sets the one in effect.
+    batch_tokens: int | None = None
 
 
 @dataclass

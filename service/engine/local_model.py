@@ -61,6 +61,8 @@ class LocalModel:
         self.settings, self.tokenize_pool = settings, tokenize_pool
         self.long_text = settings.long_text_policy()
         self.m = metrics.for_model(self.name)
+        # A batch must hold one text of maximum length.
+        self.info.batch_tokens = max(settings.batch_tokens(self.info.batch_tokens), self.info.max_length)
         metrics.queue_capacity.labels(self.name).set(settings.max_queue_texts)
         self.stats = RoutingStats(self.info.moe_layers, self.info.num_experts, settings.routing_window_s, profile)
         # Multi-task: each task's routing too, against its own part of the profile (routing_profile.json "tasks").
@@ -73,7 +75,7 @@ class LocalModel:
             self.name,
             settings.max_queue_texts,
             settings.max_batch_size,
-            max(settings.max_batch_tokens, self.info.max_length),  # a batch must hold one text of maximum length
+            self.info.batch_tokens,
             rate=lambda: self.runner.texts_per_s,
             on_depth=self.m.queue_depth.set,
         )

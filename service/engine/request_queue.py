@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from service.engine.results import TextResult
 from service.errors import ErrorKind, ServiceError, deadline_exceeded, queue_full
@@ -73,7 +74,14 @@ def retry_after_ms(texts: int, texts_per_s: float) -> int:
     return int(min(60_000, max(1, math.ceil(1000 * texts / rate))))
 
 
-def cut_batch(items: list[WorkItem], max_texts: int, max_tokens: int) -> tuple[list[WorkItem], list[WorkItem]]:
+class HasIds(Protocol):
+    ids: list[int]
+
+
+Item = TypeVar("Item", bound=HasIds)
+
+
+def cut_batch(items: list[Item], max_texts: int, max_tokens: int) -> tuple[list[Item], list[Item]]:
     """The batching policy, pure: from `items` (oldest first) take the oldest and the texts closest to it in
     length while (texts x longest) stays within max_tokens and texts within max_texts; the oldest always goes,
     so nothing starves. Returns (batch, rest), each in the order of `items`."""
@@ -99,6 +107,18 @@ def cut_batch(items: list[WorkItem], max_texts: int, max_tokens: int) -> tuple[l
             break
     chosen = set(order[lo : hi + 1])
     return [it for i, it in enumerate(items) if i in chosen], [it for i, it in enumerate(items) if i not in chosen]
+
+
+def drain_batches(items: list[Item], max_texts: int, max_tokens: int) -> list[list[Item]]:
+    """The batches a queue holding `items` (oldest first) is cut into when nothing else arrives: what
+    `RequestQueue.cut` does batch after batch, each from a window of WINDOW_BATCHES batches' worth of texts."""
+    batches, waiting = [], list(items)
+    while waiting:
+        window, waiting = waiting[: WINDOW_BATCHES * max_texts], waiting[WINDOW_BATCHES * max_texts :]
+        batch, rest = cut_batch(window, max_texts, max_tokens)
+        batches.append(batch)
+        waiting = rest + waiting
+    return batches
 
 
 class RequestQueue:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.bench.served import free_port, server_process, spawn_ready
+from service.modeling.folder import update_config
 
 SERVE = [sys.executable, "-m", "service.cli", "serve"]
 
@@ -44,11 +45,13 @@ def run_server(models_dir: Path, log_path: Path, **settings: str) -> Iterator[st
 
 @pytest.fixture(scope="session")
 def models_dir(tiny_model_dir: Path, tiny_bert_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three models in one repository: `tiny` (default), a copy named `tiny-b`, and `tiny-bert-moe`, a BERT-format
-    encoder converted to experts and fine-tuned."""
+    """Three models in one repository: `tiny` (default), a copy named `tiny-b` that carries a measured token budget
+    for its variant (as `export --choose` writes it), and `tiny-bert-moe`, a BERT-format encoder converted to experts
+    and fine-tuned."""
     d = tmp_path_factory.mktemp("repo")
     shutil.copytree(tiny_model_dir, d / "tiny")
     shutil.copytree(tiny_model_dir, d / "tiny-b")
+    update_config(d / "tiny-b", serving={"backend": "torch", "precision": "fp32", "max_batch_tokens": 512})
     shutil.copytree(tiny_bert_moe_dir, d / "tiny-bert-moe")
     return d
 

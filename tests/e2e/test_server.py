@@ -133,6 +133,9 @@ def test_models_and_routing_endpoints(server: str) -> None:
     assert card["architecture"]["experts"] == 4 and card["architecture"]["top_k"] == 2
     assert card["labels"][0] == "business" and card["eval"]["macro_f1"] > 0 and card["status"] == "ready"
     assert card["temperature"] > 0  # the served scores are softmax(logits / temperature)
+    # The token budget in effect: the default, and tiny-b's own, measured for the variant it serves (torch fp32).
+    budgets = {m["name"]: m["max_batch_tokens"] for m in models["models"]}
+    assert budgets["tiny"] == 16384 and budgets["tiny-b"] == 512
     httpx.post(f"{server}/v1/classify", json={"inputs": _texts(3)})
     stats = httpx.get(f"{server}/v1/models/tiny/routing").json()
     for view in ("since_start", "window"):

@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime")
 
 from service.backends import load_backend, resolve
 from service.backends.base import BatchOutput
+from service.bench.backends import BUDGETS
 from service.modeling.artifacts import save_model
 from service.modeling.classifier import ModelConfig, MoEClassifier
 from service.modeling.folder import read_folder
@@ -190,9 +191,11 @@ def test_dockerfile_export_then_choose_on_a_multitask_folder(multitask_graphs: d
         assert p["max_abs_diff"] <= TOL and p["argmax_agreement"] == 1.0 and p["routing_agreement"] >= 0.999, p
     assert onnx["parity"]["max_abs_diff"] == max(t["parity"]["max_abs_diff"] for t in onnx["tasks"].values())
     serving = json.loads((folder / "config.json").read_text())["serving"]
-    assert {k: serving[k] for k in ("backend", "precision")} == result["chosen"]
-    out = load_backend(folder, "cpu").forward([[5, 6, 7]], tasks=[[0, 1]])
-    assert out.logits.shape == (2, 3)
+    assert {k: serving[k] for k in ("backend", "precision", "max_batch_tokens")} == result["chosen"]
+    assert serving["budgets"] == result["budgets"] and serving["max_batch_tokens"] in BUDGETS
+    served = load_backend(folder, "cpu")
+    assert served.info.batch_tokens == serving["max_batch_tokens"]  # what the server's batcher then cuts by
+    assert served.forward([[5, 6, 7]], tasks=[[0, 1]]).logits.shape == (2, 3)
 
 
 def test_evaluate_reports_each_task_s_parity_for_another_backend(multitask_graphs: dict[str, Path]) -> None:

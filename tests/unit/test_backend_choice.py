@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 
 def test_choice_is_the_fastest_variant_that_answers_alike() -> None:
     from service.bench.backends import choose
@@ -50,3 +52,34 @@ def test_choice_pays_for_served_like_batches() -> None:
     assert choose(rows) == {"backend": "onnx", "precision": "int8"}
     rows[1]["served_mix"]["texts_per_s"] = 400
     assert choose(rows) == {"backend": "torch", "precision": "bf16"}
+
+
+def test_budget_plans_cut_each_backlog_as_the_server_would() -> None:
+    """Short half, long half and all texts, each drained at every budget by the server's own batcher: every text
+    once per plan, every batch within its budget (or one text alone)."""
+    from service.bench.backends import BACKLOGS, BUDGETS, budget_plans
+
+    rng = np.random.default_rng(0)
+    seqs = [[1] * int(n) for n in rng.integers(5, 40, 50)] + [[2] * int(n) for n in rng.integers(150, 257, 50)]
+    plans = budget_plans(seqs, max_texts=128)
+    assert set(plans) == {(n, b) for n in BACKLOGS for b in BUDGETS}
+    for (name, budget), batches in plans.items():
+        texts = [s for batch in batches for s in batch]
+        assert len(texts) == {"short": 50, "long": 50, "mixed": 100}[name]
+        assert all(len(b) == 1 or len(b) * max(map(len, b)) <= budget for b in batches)
+    assert all(max(map(len, b)) < 40 for b in plans["short", 512])
+    assert len(plans["long", 512]) > len(plans["long", 16384]) == 1
+
+
+def test_budget_choice_is_the_fastest_over_all_three_backlogs() -> None:
+    from service.bench.backends import BUDGETS, best_budget, measure_budgets
+    from tests.fakes import FakeBackend
+
+    rows = measure_budgets(FakeBackend(), [[1] * 10, [1] * 60, [1] * 30, [1] * 5], max_texts=128, repeats=1)
+    assert [r["max_batch_tokens"] for r in rows] == list(BUDGETS)
+    assert all(r["texts_per_s"] > 0 and {"short", "long", "mixed"} <= set(r) for r in rows)
+    rates = {512: 90.0, 1024: 109.0, 2048: 120.0, 4096: 125.0, 16384: 100.0}
+    rows = [{"max_batch_tokens": b, "texts_per_s": r} for b, r in rates.items()]
+    assert best_budget(rows) == 2048  # the smallest within 10% of the fastest (4096)
+    rows[1]["texts_per_s"] = 113.0
+    assert best_budget(rows) == 1024

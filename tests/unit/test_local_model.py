@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from service.config import DEFAULT_BATCH_TOKENS
 from service.errors import ServiceError
 from tests.fakes import FakeBackend, ServedModel
 
@@ -48,3 +49,18 @@ def test_own_timeout_is_a_request_timeout() -> None:
     with pytest.raises(ServiceError) as server:
         asyncio.run(capped.classify(["market news"]))
     assert server.value.status == 504
+
+
+@pytest.mark.parametrize(
+    ("setting", "measured", "in_effect"),
+    [(None, None, DEFAULT_BATCH_TOKENS), (None, 2048, 2048), (4096, 2048, 4096), (8, None, 64)],
+)
+def test_token_budget_is_the_setting_then_the_folder_s_then_the_default(
+    setting: int | None, measured: int | None, in_effect: int
+) -> None:
+    """MOE_MAX_BATCH_TOKENS wins, then the folder's measured budget, then the default; never below one text of
+    maximum length (the fake's is 64). The budget in effect is what the queue cuts by and what the model card shows."""
+    backend = FakeBackend()
+    backend.info.batch_tokens = measured
+    model = ServedModel(backend, max_batch_tokens=setting).model
+    assert model.queue.max_batch_tokens == model.info.batch_tokens == in_effect

@@ -3,11 +3,12 @@ texts with the right status, the token count. No model, no thread: each test is 
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
 
-from service.engine.request_queue import PendingRequest, RequestQueue, WorkItem
+from service.engine.request_queue import PendingRequest, RequestQueue, WorkItem, drain_batches
 from service.errors import ServiceError
 
 
@@ -89,3 +90,19 @@ def test_full_means_a_whole_batch_is_waiting() -> None:
     q2 = _queue(max_batch_size=30, max_batch_tokens=100)
     q2.admit([_item(_request(time.monotonic() + 60), 100, 0.0)])
     assert q2.full  # by tokens
+
+
+def test_drain_batches_is_what_the_queue_cuts_when_nothing_arrives() -> None:
+    """The bench times token budgets on drain_batches' plan (service/bench/backends.py): it must be the queue's."""
+    rng = random.Random(3)
+    lengths = [rng.choice([rng.randint(5, 40), rng.randint(200, 256)]) for _ in range(150)]
+    q = _queue(max_texts=1000, max_batch_size=16, max_batch_tokens=1024)
+    now = time.monotonic()
+    items = [_item(_request(now + 60), n, now + i * 1e-3) for i, n in enumerate(lengths)]
+    q.admit(items)
+    cut = []
+    while len(q):
+        cut.append(q.cut())
+    assert drain_batches(items, 16, 1024) == cut
+    assert sorted(id(it) for b in cut for it in b) == sorted(id(it) for it in items)
+    assert all(len(b) == 1 or len(b) * max(len(it.ids) for it in b) <= 1024 for b in cut)

@@ -8,7 +8,7 @@ from typing import get_args
 
 import pytest
 
-from service.backends import load_backend, resolve
+from service.backends import load_backend, measured_budget, resolve
 from service.backends.variants import (
     ALL_PRECISIONS,
     BACKENDS,
@@ -98,3 +98,15 @@ def test_resolve_and_load_refuse_what_the_table_lacks(tmp_path: Path) -> None:
         resolve(folder, "tensorrt")
     with pytest.raises(ValueError, match="device 'cuda:0' needs --backend torch"):
         load_backend(folder, "cuda:0", "onnx")
+
+
+def test_the_folder_s_token_budget_holds_for_its_variant_on_the_cpu_only(tmp_path: Path) -> None:
+    """`export --choose` measured the budget on the chosen variant on the CPU: another variant or a GPU gets the
+    server's default (None here)."""
+    folder = _folder(tmp_path, {"backend": "onnx", "precision": "int8", "max_batch_tokens": 2048}, ONNX_INT8_FILE)
+    assert measured_budget(folder, "onnx", "int8", "cpu") == 2048
+    assert measured_budget(folder, "onnx", "fp32", "cpu") is None
+    assert measured_budget(folder, "torch", "int8", "cpu") is None
+    assert measured_budget(folder, "onnx", "int8", "cuda:0") is None
+    older = _folder(tmp_path / "older", {"backend": "onnx", "precision": "int8"})  # chosen before budgets were
+    assert measured_budget(older, "onnx", "int8", "cpu") is None
