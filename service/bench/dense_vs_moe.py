@@ -155,7 +155,7 @@ def served_rows(
     loaded: LoadedModel, cfg: dict[str, Any], threads: int, work: Path, out_dir: Path
 ) -> list[dict[str, Any]]:
     """moe-serve (the folder's own serving choice) and the dense yardstick servers, one after another, under the
-    same wrk load on the same headline and article bodies; each point the run with the median throughput."""
+    same wrk load on the same headline, article and mixed bodies; each point the run with the median throughput."""
     from service.bench import served
 
     texts = _raw_texts(cfg["n_texts"])
@@ -206,11 +206,14 @@ def _dense_server(graph: Path, loaded: LoadedModel, threads: int, log_path: Path
 
 
 def _raw_texts(n: int) -> dict[str, list[str]]:
+    """Headlines, articles, and the two mixed (article, headline, article, ...), as traffic may bring them: a
+    batcher that lets a headline join a batch of articles pads it to their length."""
     from service.training.data import load_dataset
     from service.training.evaluate import headline
 
     test = load_dataset("bbc-news")["test"][:n]
-    return {"headline": [headline(e.text) for e in test], "article": [e.text for e in test]}
+    heads, articles = [headline(e.text) for e in test], [e.text for e in test]
+    return {"headline": heads, "article": articles, "mixed": [t for pair in zip(articles, heads) for t in pair][:n]}
 
 
 def run(loaded: LoadedModel, cfg: dict[str, Any], threads: int, out_dir: Path, skip_served: bool) -> dict[str, Any]:
@@ -289,7 +292,7 @@ def markdown(r: dict[str, Any]) -> list[str]:
 def served_markdown(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
-        "### Served: moe-serve against the dense yardstick servers (wrk, the same headline and article bodies)",
+        "### Served: moe-serve against the dense yardstick servers (wrk, the same headline, article and mixed bodies)",
         "",
         "| server | texts | connections | req/s | p50 ms | p99 ms | errors | req/s, each run | moe-serve / this |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -65,7 +65,7 @@ def test_bench_quick_smoke(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert not [r for r in dvm["rows"] if r["model"].startswith("dense-")]
     assert not dvm["ratios"]["best_moe_vs_best_dense"]
     assert {(r["server"], r["texts"], r["concurrency"]) for r in dvm["served"]} == {
-        ("moe-serve", t, c) for t in ("headline", "article") for c in (1, 64)
+        ("moe-serve", t, c) for t in ("headline", "article", "mixed") for c in (1, 64)
     }
     md = (out / "bench.md").read_text()
     assert "## The MoE against its dense original" in md and "| MoE / all experts, onnx int8 |" in md
