@@ -213,7 +213,8 @@ def _raw_texts(n: int) -> dict[str, list[str]]:
 
     test = load_dataset("bbc-news")["test"][:n]
     heads, articles = [headline(e.text) for e in test], [e.text for e in test]
-    return {"headline": heads, "article": articles, "mixed": [t for pair in zip(articles, heads) for t in pair][:n]}
+    mixed = [t for pair in zip(articles, heads, strict=True) for t in pair][:n]
+    return {"headline": heads, "article": articles, "mixed": mixed}
 
 
 def run(loaded: LoadedModel, cfg: dict[str, Any], threads: int, out_dir: Path, skip_served: bool) -> dict[str, Any]:
