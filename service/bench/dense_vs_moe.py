@@ -158,7 +158,7 @@ def served_rows(
     same wrk load on the same headline, article and mixed bodies; each point the run with the median throughput."""
     from service.bench import served
 
-    texts = _raw_texts(cfg["n_texts"])
+    texts = raw_texts(cfg["n_texts"])
     # Both servers read the first max_length tokens of an article (the same work; moe-serve's default reads every
     # window of a long text, about 2.4x the tokens of a bbc-news article: README, Long texts).
     bodies = {k: [orjson.dumps({"inputs": t, "long_text": "truncate"}) for t in v] for k, v in texts.items()}
@@ -205,7 +205,7 @@ def _dense_server(graph: Path, loaded: LoadedModel, threads: int, log_path: Path
     return served.server_process(cmd, dict(os.environ), port, log_path)
 
 
-def _raw_texts(n: int) -> dict[str, list[str]]:
+def raw_texts(n: int) -> dict[str, list[str]]:
     """Headlines, articles, and the two mixed (article, headline, article, ...), as traffic may bring them: a
     batcher that lets a headline join a batch of articles pads it to their length."""
     from service.training.data import load_dataset

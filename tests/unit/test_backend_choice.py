@@ -80,6 +80,6 @@ def test_budget_choice_is_the_fastest_over_all_three_backlogs() -> None:
     assert all(r["texts_per_s"] > 0 and {"short", "long", "mixed"} <= set(r) for r in rows)
     rates = {512: 90.0, 1024: 109.0, 2048: 120.0, 4096: 125.0, 16384: 100.0}
     rows = [{"max_batch_tokens": b, "texts_per_s": r} for b, r in rates.items()]
-    assert best_budget(rows) == 2048  # the smallest within 10% of the fastest (4096)
-    rows[1]["texts_per_s"] = 113.0
-    assert best_budget(rows) == 1024
+    assert best_budget(rows) == 4096
+    rows[0]["texts_per_s"] = 130.0
+    assert best_budget(rows) == 512
