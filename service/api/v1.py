@@ -157,7 +157,7 @@ async def model_card(worker: ModelHandle) -> dict[str, Any]:
         "backend": worker.kind,
         "precision": worker.info.precision,
         "device": worker.device,
-        "max_batch_tokens": info.batch_tokens,  # token budget per batch in effect (README: Batching)
+        "max_batch_tokens": info.batch_tokens,  # token budget per batch in effect (README: How it works)
         "base": info.training.get("base"),  # the pretrained encoder it was converted from, if any
         "eval": worker.evaluation,  # read once when the model was loaded
         "tasks": task_cards(info, worker.evaluation),  # multi-task models; {} for a single-task one

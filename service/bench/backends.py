@@ -158,7 +158,7 @@ def measure_budgets(backend: Backend, seqs: list[list[int]], max_texts: int, rep
 def best_budget(rows: list[dict[str, Any]]) -> int:
     """The budget that drained the three backlogs fastest (geometric mean). Checked served, side by side
     (scripts/budget_ab.py, docs/bench/budgets.json): on MiniLM it was within 3% of the best budget served, where
-    16384 was 27% below it and 1024 18% below (README: Batching)."""
+    16384 was 27% below it and 1024 18% below (README: How it works)."""
     return max(rows, key=lambda r: r["texts_per_s"])["max_batch_tokens"]
 
 
