@@ -109,7 +109,7 @@ def _choose_backend(model_dir: Path, threads: int | None) -> dict:
     backend = load_backend(model_dir, "cpu", best["backend"], threads, best["precision"])
     budgets = measure_budgets(backend, texts, Settings.model_fields["max_batch_size"].default)
     m = machine()
-    choice = write_choice(model_dir, rows, f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}", budgets)
+    choice = write_choice(model_dir, best, rows, f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}", budgets)
     return {"model": folder.name, "chosen": choice, "variants": rows, "budgets": budgets}
 
 

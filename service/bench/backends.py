@@ -257,9 +257,9 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_choice(
-    model_dir: Path, rows: list[dict[str, Any]], machine: str, budgets: list[dict[str, Any]]
+    model_dir: Path, variant: dict[str, Any], rows: list[dict[str, Any]], machine: str, budgets: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """Record the fastest correct variant (`choose(rows)`) and the best token budget measured on it (`budgets`)."""
-    choice = {**choose(rows), "max_batch_tokens": best_budget(budgets)}
+    """Record the chosen variant (`choose(rows)`) and the best token budget measured on it (`budgets`)."""
+    choice = {**variant, "max_batch_tokens": best_budget(budgets)}
     update_config(model_dir, serving={**choice, "chosen_on": machine, "measured": rows, "budgets": budgets})
     return choice
