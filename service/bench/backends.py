@@ -15,6 +15,7 @@ judged per task: its macro-F1 is the tasks' mean, its parity the worst task's.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -27,6 +28,7 @@ import numpy as np
 from service.backends import load_backend
 from service.backends.base import Backend
 from service.backends.variants import REFERENCE, Variant, on_device
+from service.bench.timing import interleaved_medians
 from service.engine.request_queue import drain_batches
 from service.modeling.folder import update_config
 
@@ -138,21 +140,21 @@ def measure_budgets(backend: Backend, seqs: list[list[int]], max_texts: int, rep
     of `repeats` passes, the budgets interleaved within each pass so that a slow spell of the machine hits them
     alike."""
     plans = budget_plans(seqs, max_texts)
-    passes: dict[tuple[str, int], list[float]] = {key: [] for key in plans}
     run_all_tasks(backend, plans["mixed", BUDGETS[-1]][0])  # warm-up
-    for _ in range(repeats):
-        for key, calls in plans.items():
-            t0 = time.perf_counter()
-            for call in calls:
-                run_all_tasks(backend, call)
-            passes[key].append(time.perf_counter() - t0)
+    runs = {key: functools.partial(_drain, backend, calls) for key, calls in plans.items()}
+    seconds = interleaved_medians(runs, repeats, warmup=0, settle_s=0)  # one backend: nothing to settle
     rows = []
     for b in BUDGETS:
-        rates = {n: sum(len(c) for c in plans[n, b]) / statistics.median(passes[n, b]) for n in BACKLOGS}
+        rates = {n: sum(len(c) for c in plans[n, b]) / seconds[n, b] for n in BACKLOGS}
         mean = math.prod(rates.values()) ** (1 / len(rates))
         per_backlog = {n: round(r, 1) for n, r in rates.items()}
         rows.append({"max_batch_tokens": b, **per_backlog, "texts_per_s": round(mean, 1)})
     return rows
+
+
+def _drain(backend: Backend, calls: list[list[list[int]]]) -> None:
+    for call in calls:
+        run_all_tasks(backend, call)
 
 
 def best_budget(rows: list[dict[str, Any]]) -> int:

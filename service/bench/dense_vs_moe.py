@@ -18,18 +18,18 @@ The MoE is judged against the best dense row of any runtime, per regime.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import orjson
 from service.backends import load_backend
 from service.bench.backends import available, length_sorted_batches
 from service.bench.dense_yardstick import YARDSTICKS
+from service.bench.timing import SETTLE_S, interleaved_medians, median_time
 from service.modeling.artifacts import LoadedModel
 from service.modeling.layout import CONFIG_FILE, TOKENIZER_FILE
 
@@ -62,24 +63,42 @@ def text_sets(loaded: LoadedModel, n: int) -> dict[str, list[list[int]]]:
 
 def texts_per_s(forward: Forward, seqs: list[list[int]], batch: int, repeats: int) -> float:
     """Median over `repeats` passes over every text, after one warm-up pass."""
-    calls = [[s] for s in seqs] if batch == 1 else length_sorted_batches(seqs, batch)
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        for c in calls:
-            forward(c)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return round(len(seqs) / statistics.median(times), 1)
+    calls = calls_for(seqs, batch)
+    return round(len(seqs) / median_time(lambda: run_calls(forward, calls), repeats), 1)
 
 
-def time_row(kind: str, precision: str, forward: Forward, sets: dict[str, list[list[int]]], repeats: int) -> dict:
-    row: dict[str, Any] = {"model": kind, "precision": precision}
+def calls_for(seqs: list[list[int]], batch: int) -> list[list[list[int]]]:
+    return [[s] for s in seqs] if batch == 1 else length_sorted_batches(seqs, batch)
+
+
+def run_calls(forward: Forward, calls: list[list[list[int]]]) -> None:
+    for c in calls:
+        forward(c)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One engine row to time: what it is, and how it runs a batch of token ids."""
+
+    model: str  # moe | all-experts | a dense yardstick's model
+    backend: str
+    precision: str
+    forward: Forward
+
+
+def time_rows(contenders: list[Contender], sets: dict[str, list[list[int]]], repeats: int) -> list[dict[str, Any]]:
+    """texts/s of every contender per text set and batch size (batch 1 over the first half of the texts), their
+    passes interleaved (service/bench/timing.py) so that the ratios between rows are measured side by side."""
+    rows = [{"model": c.model, "precision": c.precision, "backend": c.backend} for c in contenders]
     for name, seqs in sets.items():
         for b in BATCHES:
-            row[f"{name}_b{b}"] = texts_per_s(forward, seqs if b > 1 else seqs[: max(len(seqs) // 2, 1)], b, repeats)
-    log.info("%s", row)
-    return row
+            key, texts = f"{name}_b{b}", seqs if b > 1 else seqs[: max(len(seqs) // 2, 1)]
+            calls = calls_for(texts, b)
+            runs = {i: functools.partial(run_calls, c.forward, calls) for i, c in enumerate(contenders)}
+            for i, t in interleaved_medians(runs, repeats).items():
+                rows[i][key] = round(len(texts) / t, 1)
+            log.info("%s: %s", key, [(r["model"], r["backend"], r["precision"], r[key]) for r in rows])
+    return rows
 
 
 def all_experts_copy(model_dir: Path, into: Path) -> Path:
@@ -96,24 +115,22 @@ def all_experts_copy(model_dir: Path, into: Path) -> Path:
     return into
 
 
-def variant_rows(kind: str, folder: Path, sets: dict[str, list[list[int]]], repeats: int, threads: int) -> list:
-    rows = []
+def variant_contenders(kind: str, folder: Path, threads: int) -> list[Contender]:
+    out = []
     for v in available(folder):
         backend = load_backend(folder, "cpu", v.backend, threads, v.precision)
-        rows.append({**time_row(kind, v.precision, backend.forward, sets, repeats), "backend": v.backend})
-    return rows
+        out.append(Contender(kind, v.backend, v.precision, backend.forward))
+    return out
 
 
-def dense_rows(
-    loaded: LoadedModel, sets: dict[str, list[list[int]]], repeats: int, threads: int, graphs: dict[str, Path]
-) -> list:
+def dense_contenders(loaded: LoadedModel, threads: int, graphs: dict[str, Path]) -> list[Contender]:
     from service.bench.dense_yardstick import BY_NAME, load_graph
 
-    rows = []
+    out = []
     for name, graph in graphs.items():
         y, g = BY_NAME[name], load_graph(graph, loaded.tokenizer.pad_id, threads)
-        rows.append({**time_row(y.model, y.precision, g.forward, sets, repeats), "backend": y.backend})
-    return rows
+        out.append(Contender(y.model, y.backend, y.precision, g.forward))
+    return out
 
 
 def dense_graphs(loaded: LoadedModel, work: Path) -> dict[str, Path]:
@@ -140,9 +157,9 @@ def compare(loaded: LoadedModel, n_texts: int, repeats: int, threads: int, work:
         export_model(moe_dir, int8=True)
     dense_dir = all_experts_copy(moe_dir, work / "all-experts")
     export_model(dense_dir, int8=True)
-    rows = variant_rows("moe", moe_dir, sets, repeats, threads)
-    rows += variant_rows("all-experts", dense_dir, sets, repeats, threads)
-    rows += dense_rows(loaded, sets, repeats, threads, dense_graphs(loaded, work))
+    contenders = variant_contenders("moe", moe_dir, threads) + variant_contenders("all-experts", dense_dir, threads)
+    contenders += dense_contenders(loaded, threads, dense_graphs(loaded, work))
+    rows = time_rows(contenders, sets, repeats)
     return {
         "texts": {k: len(v) for k, v in sets.items()},
         "mean_tokens": _mean_tokens(sets),
@@ -154,8 +171,9 @@ def compare(loaded: LoadedModel, n_texts: int, repeats: int, threads: int, work:
 def served_rows(
     loaded: LoadedModel, cfg: dict[str, Any], threads: int, work: Path, out_dir: Path
 ) -> list[dict[str, Any]]:
-    """moe-serve (the folder's own serving choice) and the dense yardstick servers, one after another, under the
-    same wrk load on the same headline, article and mixed bodies; each point the run with the median throughput."""
+    """moe-serve (the folder's own serving choice) and the dense yardstick servers, all started at once and taking
+    turns run by run (a slow spell of the machine hits them alike), under the same wrk load on the same headline,
+    article and mixed bodies; each point the run with the median throughput."""
     from service.bench import served
 
     texts = raw_texts(cfg["n_texts"])
@@ -165,20 +183,26 @@ def served_rows(
     servers = {"moe-serve": lambda log: served.start_server("moe-serve", loaded.folder.path, threads, log)}
     for name, graph in dense_graphs_in(work).items():
         servers[name] = functools.partial(_dense_server, graph, loaded, threads)
-    rows = []
-    for name, start in servers.items():
-        with start(out_dir / f"{name.replace(' ', '-')}.log") as url:
-            classify = f"{url}/v1/classify"
-            served.closed_loop(classify, bodies["headline"], 64, 1.0, name, "headline", out_dir)  # warm-up
-            for kind, c in itertools.product(bodies, cfg["concurrency"]):
-                runs = [
-                    served.closed_loop(classify, bodies[kind], c, cfg["seconds"], name, kind, out_dir)
-                    for _ in range(cfg["served_runs"])
-                ]
-                r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
-                rows.append({**asdict(r), "rps_all_runs": [x.rps for x in runs]})
-                log.info("%s %s c=%d: %.1f req/s p50 %.2f ms", name, kind, c, r.rps, r.p50_ms)
-    return rows
+    with contextlib.ExitStack() as stack:
+        urls = {
+            name: stack.enter_context(start(out_dir / f"{name.replace(' ', '-')}.log"))
+            for name, start in servers.items()
+        }
+        for name, url in urls.items():
+            served.closed_loop(f"{url}/v1/classify", bodies["headline"], 64, 1.0, name, "headline", out_dir)  # warm-up
+        runs: dict[tuple[str, str, int], list[served.LoadResult]] = {}
+        for kind, c in itertools.product(bodies, cfg["concurrency"]):
+            for _, (name, url) in itertools.product(range(cfg["served_runs"]), urls.items()):
+                time.sleep(SETTLE_S)
+                r = served.closed_loop(f"{url}/v1/classify", bodies[kind], c, cfg["seconds"], name, kind, out_dir)
+                runs.setdefault((name, kind, c), []).append(r)
+    return [_median_run(runs[key]) for key in sorted(runs, key=lambda k: list(servers).index(k[0]))]
+
+
+def _median_run(runs: list[Any]) -> dict[str, Any]:
+    r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
+    log.info("%s %s c=%d: %.1f req/s p50 %.2f ms", r.server, r.texts, r.concurrency, r.rps, r.p50_ms)
+    return {**asdict(r), "rps_all_runs": [x.rps for x in runs]}
 
 
 def dense_graphs_in(work: Path) -> dict[str, Path]:

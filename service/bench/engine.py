@@ -13,20 +13,10 @@ import torch
 from torch import nn
 
 from service.bench.backends import length_sorted_batches
+from service.bench.timing import median_time
 from service.modeling.artifacts import LoadedModel
 from service.modeling.classifier import ModelConfig, MoEClassifier, PackedBatch, pad_batch
 from service.modeling.moe import MoEFeedForward
-
-
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @torch.inference_mode()

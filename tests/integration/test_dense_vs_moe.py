@@ -149,3 +149,35 @@ def test_dense_server_batches_and_answers(
         responses = asyncio.run(post_all())
     assert [r.status_code for r in responses] == [200] * len(texts)
     assert [r.json()["predictions"][0]["label"] for r in responses] == want.argmax(1).tolist()
+
+
+def test_served_rows_take_turns(
+    dense_graphs: dict[str, Path], tiny_bert_moe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moe-serve and every dense server are up at once and take turns run by run, so that a slow spell of the
+    machine hits them alike; each point keeps its median run and lists every run's rate."""
+    from service.bench import served
+    from service.bench.dense_vs_moe import served_rows
+
+    order: list[tuple[str, str, int]] = []
+    real = served.closed_loop
+
+    def recorded(url: str, bodies: list[bytes], c: int, seconds: float, server: str, texts: str, workdir: Path):
+        order.append((server, texts, c))
+        return real(url, bodies, c, seconds, server, texts, workdir)
+
+    monkeypatch.setattr(served, "closed_loop", recorded)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "dense").symlink_to(next(iter(dense_graphs.values())).parent)
+    cfg = {"n_texts": 8, "concurrency": [1], "seconds": 1.0, "served_runs": 2}
+    rows = served_rows(load_model(tiny_bert_moe_dir), cfg, 1, tmp_path / "work", tmp_path)
+
+    names = ["moe-serve", *dense_graphs]
+    timed = order[len(names) :]  # after one warm-up run each
+    assert [s for s, _, _ in timed[: 2 * len(names)]] == names * 2  # the first point: each server, then again
+    assert len(timed) == 2 * len(names) * 3  # runs x servers x text kinds
+    assert [(r["server"], r["texts"], r["concurrency"]) for r in rows] == [
+        (s, t, 1) for s in names for t in ("headline", "article", "mixed")
+    ]
+    for r in rows:
+        assert r["errors"] == 0 and len(r["rps_all_runs"]) == 2 and r["rps"] in r["rps_all_runs"]
