@@ -2,9 +2,9 @@
 (service/backends/variants.py: torch fp32 / bf16, ONNX Runtime fp32 / int8).
 
 `measure_variants` times each at batch 1, at a saturated batch and on served-like batches of random sizes and
-lengths, on the same texts (medians of several runs), and
+lengths, on the same texts (medians of several passes, the variants taking turns within each), and
 checks its answers against the reference (torch fp32) on a labelled split. `choose` picks the fastest variant
-(geometric mean of the two regimes) that answers as the reference does: fp32 with probabilities within 1e-4, the
+(geometric mean of the three regimes) that answers as the reference does: fp32 with probabilities within 1e-4, the
 same labels and routing 99.9% the same; bf16 / int8 with macro-F1 within 0.5 points. `write_choice` records it in
 config.json "serving", which `--backend auto` then follows, with the token budget that drains a full queue of the
 timing texts fastest on it (`measure_budgets`), which the server's batcher then uses on the CPU.
@@ -28,7 +28,7 @@ import numpy as np
 from service.backends import load_backend
 from service.backends.base import Backend
 from service.backends.variants import REFERENCE, Variant, on_device
-from service.bench.timing import interleaved_medians
+from service.bench.timing import SETTLE_S, K, interleaved_medians
 from service.engine.request_queue import drain_batches
 from service.modeling.folder import update_config
 
@@ -82,29 +82,36 @@ def run_all_tasks(backend: Backend, batch: list[list[int]]) -> None:
     backend.forward(batch, tasks=[every] * len(batch) if every else None)
 
 
-def time_backend(backend: Backend, seqs: list[list[int]], repeats: int) -> dict[str, Any]:
-    """Batch 1 over every text, batches of SATURATED (sorted by length, as the batcher cuts them) and served-like
-    batches (random sizes and lengths, a new draw each pass); texts/s is the median over `repeats` passes, p50/p99
-    are per call over all passes. A multi-task folder's texts each ask for every task."""
+def time_backends(backends: dict[K, Backend], seqs: list[list[int]], repeats: int) -> dict[K, dict[str, Any]]:
+    """Per backend: batch 1 over every text, batches of SATURATED (sorted by length, as the batcher cuts them) and
+    served-like batches (random sizes and lengths, a new draw each pass); texts/s is the median over `repeats`
+    passes, p50/p99 are per call over all passes. Each pass runs every backend in turn (a slow spell of the machine
+    hits them alike: service/bench/timing.py). A multi-task folder's texts each ask for every task."""
     batches = length_sorted_batches(seqs, SATURATED)
-    run_all_tasks(backend, batches[0])  # warm-up: lazy initialisation, caches
-    out: dict[str, Any] = {}
+    for backend in backends.values():
+        run_all_tasks(backend, batches[0])  # warm-up: lazy initialisation, caches
     regimes = (
         ("batch_1", lambda _: [[s] for s in seqs]),
         (f"batch_{SATURATED}", lambda _: batches),
         ("served_mix", lambda i: served_like_batches(seqs, seed=i)),
     )
-    for name, calls_of in regimes:
-        per_call, per_pass = [], []
+    out: dict[K, dict[str, Any]] = {name: {} for name in backends}
+    for regime, calls_of in regimes:
+        per_call: dict[K, list[float]] = {name: [] for name in backends}
+        per_pass: dict[K, list[float]] = {name: [] for name in backends}
         for i in range(repeats):
             calls = calls_of(i)
-            t_pass = time.perf_counter()
-            for call in calls:
-                t0 = time.perf_counter()
-                run_all_tasks(backend, call)
-                per_call.append(time.perf_counter() - t0)
-            per_pass.append(time.perf_counter() - t_pass)
-        out[name] = {"texts_per_s": round(len(seqs) / statistics.median(per_pass), 1), **_percentiles(per_call)}
+            for name, backend in backends.items():
+                time.sleep(SETTLE_S)
+                t_pass = time.perf_counter()
+                for call in calls:
+                    t0 = time.perf_counter()
+                    run_all_tasks(backend, call)
+                    per_call[name].append(time.perf_counter() - t0)
+                per_pass[name].append(time.perf_counter() - t_pass)
+        for name in backends:
+            rate = round(len(seqs) / statistics.median(per_pass[name]), 1)
+            out[name][regime] = {"texts_per_s": rate, **_percentiles(per_call[name])}
     return out
 
 
@@ -171,14 +178,16 @@ def measure_variants(
     from service.modeling.artifacts import load_model
 
     bundle = load_model(model_dir) if eval_split else None
+    variants = available(model_dir)
+    backends = {v: load_backend(model_dir, "cpu", v.backend, threads, v.precision) for v in variants}
+    speeds = time_backends(backends, timing_texts, repeats)
     rows = []
-    for variant in available(model_dir):
-        backend = load_backend(model_dir, "cpu", variant.backend, threads, variant.precision)
+    for variant in variants:
         row: dict[str, Any] = {"backend": variant.backend, "precision": variant.precision}
         row["size_mb"] = round((model_dir / variant.file).stat().st_size / 1e6, 1)
-        row |= time_backend(backend, timing_texts, repeats)
+        row |= speeds[variant]
         if bundle is not None and eval_split is not None:
-            other = None if variant == REFERENCE else backend
+            other = None if variant == REFERENCE else backends[variant]
             row |= {"split": eval_split, **accuracy(bundle, eval_split, other)}
         rows.append(row)
     return rows

@@ -27,9 +27,8 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import orjson
 from service.backends import load_backend
 from service.bench.backends import available, length_sorted_batches
 from service.bench.dense_yardstick import YARDSTICKS
-from service.bench.timing import SETTLE_S, interleaved_medians, median_time
+from service.bench.timing import interleaved_medians, median_time
 from service.modeling.artifacts import LoadedModel
 from service.modeling.layout import CONFIG_FILE, TOKENIZER_FILE
 
@@ -190,19 +189,13 @@ def served_rows(
         }
         for name, url in urls.items():
             served.closed_loop(f"{url}/v1/classify", bodies["headline"], 64, 1.0, name, "headline", out_dir)  # warm-up
-        runs: dict[tuple[str, str, int], list[served.LoadResult]] = {}
-        for kind, c in itertools.product(bodies, cfg["concurrency"]):
-            for _, (name, url) in itertools.product(range(cfg["served_runs"]), urls.items()):
-                time.sleep(SETTLE_S)
-                r = served.closed_loop(f"{url}/v1/classify", bodies[kind], c, cfg["seconds"], name, kind, out_dir)
-                runs.setdefault((name, kind, c), []).append(r)
-    return [_median_run(runs[key]) for key in sorted(runs, key=lambda k: list(servers).index(k[0]))]
 
+        def load(name: str, texts: str, c: int) -> served.LoadResult:
+            url = f"{urls[name]}/v1/classify"
+            return served.closed_loop(url, bodies[texts], c, cfg["seconds"], name, texts, out_dir)
 
-def _median_run(runs: list[Any]) -> dict[str, Any]:
-    r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
-    log.info("%s %s c=%d: %.1f req/s p50 %.2f ms", r.server, r.texts, r.concurrency, r.rps, r.p50_ms)
-    return {**asdict(r), "rps_all_runs": [x.rps for x in runs]}
+        loads = {name: functools.partial(load, name) for name in urls}
+        return served.in_turns(loads, list(itertools.product(bodies, cfg["concurrency"])), cfg["served_runs"])
 
 
 def dense_graphs_in(work: Path) -> dict[str, Path]:

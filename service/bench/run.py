@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -133,58 +135,35 @@ def run_bench(model_dir: Path, mode: str, out_dir: Path, skip_served: bool = Fal
 def served_runs(
     model_dir: Path, bundle: Any, sets: dict[str, list[list[int]]], cfg: dict[str, Any], threads: int, out_dir: Path
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """moe-serve and the naive server, each in its own process, driven by wrk; several runs per point, the run with
-    the median throughput reported. Then lone requests to moe-serve (one at a time, idle between)."""
-    rows: list[dict[str, Any]] = []
-    lone: dict[str, Any] = {}
+    """moe-serve (over HTTP and gRPC) and the naive server, each in its own process, all up at once and driven by
+    wrk (the gRPC client for gRPC) in turns, several runs per point, the run with the median throughput reported.
+    Then lone requests to moe-serve (one at a time, idle between)."""
     texts_of = {t: [bundle.tokenizer.tokenizer.decode(ids) for ids in sets[t]] for t in sets}
     bodies = {t: [orjson.dumps({"inputs": text}) for text in texts_of[t]] for t in sets}
-    for server in ("moe-serve", "naive"):
-        log.info("served: %s", server)
-        grpc_port = served.free_port() if server == "moe-serve" else None
-        with served.start_server(server, model_dir.resolve(), threads, out_dir / f"{server}.log", grpc_port) as url:
-            classify = f"{url}/v1/classify"
-            served.closed_loop(classify, bodies["short"], 64, 1.0, server, "short", out_dir)  # warm-up, not kept
-            for texts in cfg["texts"]:
-                for c in cfg["concurrency"]:
-                    runs = [
-                        served.closed_loop(classify, bodies[texts], c, cfg["seconds"], server, texts, out_dir)
-                        for _ in range(cfg["served_runs"])
-                    ]
-                    r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
-                    rows.append({**asdict(r), "runs": len(runs), "rps_all_runs": [x.rps for x in runs]})
-                    log.info(
-                        "%s %s c=%d: %.1f req/s p50 %.2f ms %s",
-                        server,
-                        texts,
-                        c,
-                        r.rps,
-                        r.p50_ms,
-                        [x.rps for x in runs],
-                    )
-            if server == "moe-serve":
-                lone = served.lone_requests(classify, bodies["short"])
-                rows += _grpc_rows(f"127.0.0.1:{grpc_port}", model_dir.name, texts_of, cfg, out_dir)
+    grpc_port, seconds = served.free_port(), cfg["seconds"]
+    with contextlib.ExitStack() as stack:
+
+        def start(server: str, port: int | None = None) -> str:
+            log_file = out_dir / f"{server}.log"
+            url = stack.enter_context(served.start_server(server, model_dir.resolve(), threads, log_file, port))
+            served.closed_loop(f"{url}/v1/classify", bodies["short"], 64, 1.0, server, "short", out_dir)  # warm-up
+            return f"{url}/v1/classify"
+
+        classify = {"moe-serve": start("moe-serve", grpc_port), "naive": start("naive")}
+
+        def http(server: str) -> served.Load:
+            return lambda t, c: served.closed_loop(classify[server], bodies[t], c, seconds, server, t, out_dir)
+
+        def grpc(t: str, c: int) -> served.LoadResult:
+            address = f"127.0.0.1:{grpc_port}"
+            return served.closed_loop_grpc(
+                address, model_dir.name, texts_of[t], c, seconds, "moe-serve gRPC", t, out_dir
+            )
+
+        loads = {"moe-serve": http("moe-serve"), "moe-serve gRPC": grpc, "naive": http("naive")}
+        rows = served.in_turns(loads, list(itertools.product(cfg["texts"], cfg["concurrency"])), cfg["served_runs"])
+        lone = served.lone_requests(classify["moe-serve"], bodies["short"])
     return rows, lone
-
-
-def _grpc_rows(
-    address: str, model: str, texts_of: dict[str, list[str]], cfg: dict[str, Any], out_dir: Path
-) -> list[dict[str, Any]]:
-    """The same texts at the same concurrencies as the HTTP rows, as gRPC ModelInfer calls to the same server."""
-    rows = []
-    for texts in cfg["texts"]:
-        for c in cfg["concurrency"]:
-            runs = [
-                served.closed_loop_grpc(
-                    address, model, texts_of[texts], c, cfg["seconds"], "moe-serve gRPC", texts, out_dir
-                )
-                for _ in range(cfg["served_runs"])
-            ]
-            r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
-            rows.append({**asdict(r), "runs": len(runs), "rps_all_runs": [x.rps for x in runs]})
-            log.info("moe-serve gRPC %s c=%d: %.1f req/s p50 %.2f ms", texts, c, r.rps, r.p50_ms)
-    return rows
 
 
 def _served_ratios(r: dict[str, Any]) -> dict[str, Any]:

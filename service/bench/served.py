@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import logging
 import os
 import resource
 import shutil
@@ -20,13 +22,17 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from service.bench.timing import SETTLE_S
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -162,6 +168,35 @@ def closed_loop(
             (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / (wall * (os.cpu_count() or 1)), 4
         ),
     )
+
+
+Load = Callable[[str, int], LoadResult]  # (texts, concurrency) -> one timed run against one server
+
+
+def in_turns(loads: dict[str, Load], points: list[tuple[str, int]], runs: int) -> list[dict[str, Any]]:
+    """Per point (texts, concurrency), every server's load once in turn, `runs` times over: the servers are all up,
+    and a slow spell of the machine (README: the spread paragraph) hits them alike instead of one server's runs.
+    One row per server and point, in server order: the run with the median throughput, and every run's rate."""
+    results: dict[tuple[str, str, int], list[LoadResult]] = {}
+    for (texts, c), _, (name, load) in itertools.product(points, range(runs), loads.items()):
+        time.sleep(SETTLE_S)
+        results.setdefault((name, texts, c), []).append(load(texts, c))
+    order = list(loads)
+    return [median_run(results[key]) for key in sorted(results, key=lambda k: order.index(k[0]))]
+
+
+def median_run(runs: list[LoadResult]) -> dict[str, Any]:
+    r = sorted(runs, key=lambda x: x.rps)[len(runs) // 2]
+    log.info(
+        "%s %s c=%s: %.1f req/s p50 %.2f ms %s",
+        r.server,
+        r.texts,
+        r.concurrency,
+        r.rps,
+        r.p50_ms,
+        [x.rps for x in runs],
+    )
+    return {**asdict(r), "runs": len(runs), "rps_all_runs": [x.rps for x in runs]}
 
 
 def closed_loop_grpc(
