@@ -30,13 +30,15 @@ serve: install
 	$(VENV)/bin/moe-serve serve --default-model bbc-news-minilm-moe
 
 test: install tools
-	$(PY) -m ruff check service tests load_tests
+	$(PY) -m ruff check service tests load_tests scripts
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 # The loop while editing: ruff and tests/unit only (in process: no tool, subprocess, training or server; under a
 # minute on 2 cores). tests/integration and tests/e2e run in `make test`.
 test-fast: install
-	$(PY) -m ruff check service tests load_tests
+	$(PY) -m ruff check service tests load_tests scripts
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests/unit
 
 # On a machine with a CUDA build of torch (README, "On a GPU"): the CUDA tests (skipped elsewhere) and the GPU engine
